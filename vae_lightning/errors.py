@@ -1,0 +1,43 @@
+"""The two kinds of user error, and the value checks that constructors share.
+
+Both carry a message that names the problem and what to do; ``train.py`` prints them as one
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class DataError(RuntimeError):
+    """Raw data is missing, corrupted, or could not be obtained; the message says what to do."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``key`` names it (relative to its config group)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message
+
+
+def check_int(key: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(key: str, value: object, minimum: float, inclusive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= minimum if inclusive else value > minimum
+    if not ok:
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ConfigError(key, f"must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+    return value  # type: ignore[return-value]

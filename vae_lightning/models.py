@@ -1,0 +1,248 @@
+"""LightningModules: AE, VAE and ConvVAE.
+
+Each module owns its loss, its one shared step (stage as a parameter) and its optimizer; the
+networks are plain nn.Modules from ``networks.py``. Hyper-parameters are typed primitives saved
+with ``save_hyperparameters()``, so ``VAE.load_from_checkpoint(path)`` works without Hydra.
+
+Every model offers ``encode(x)``, ``decode(z) -> x_hat in [0, 1]``, ``embed(x)`` (the features a
+probe uses: mu for a VAE, z for the AE) and ``sample(n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+
+from vae_lightning.errors import ConfigError, check_float, check_int
+from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
+from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+# exp(0.5 * logvar) and exp(logvar) stay finite in fp16/bf16/fp32 within this range; values
+# outside it mean sigma < 3e-7 or > 2e4, which no useful posterior on [0, 1] pixels needs.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+def _shape(key: str, value: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a list of positive integers, got {value!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(key, f"must be (channels, height, width), got {value!r}")
+    return shape
+
+
+class Autoencoder(L.LightningModule):
+    """What AE and the VAEs share: validation of common values, the step, logging, Adam."""
+
+    variational = False
+
+    def __init__(self, latent_dim: int, lr: float, beta: float = 0.0) -> None:
+        super().__init__()
+        self.latent_dim = check_int("latent_dim", latent_dim, 1)
+        self.lr = check_float("lr", lr, 0.0, inclusive=False)
+        self.beta = check_float("beta", beta, 0.0)
+        self.encoder: torch.nn.Module
+        self.decoder: torch.nn.Module
+
+    # --- the contract -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
+        return torch.sigmoid(self.decoder(z))
+
+    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch means of the loss terms in nats per image; ``loss`` is what is optimised."""
+        raise NotImplementedError
+
+    # --- Lightning ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.terms(x)["loss"]
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, _ = batch  # (B, C, H, W) float in [0, 1], converted on the device by the DataModule
+        terms = self.terms(x)
+        # on_epoch only: Lightning accumulates on the device and reduces once per epoch.
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in terms.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=x.size(0),
+            sync_dist=stage != "train",
+        )
+        if stage == "train":
+            self.log(
+                "loss", terms["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False
+            )
+        return terms["loss"]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class AE(Autoencoder):
+    """A plain (deterministic) autoencoder; seed 1's 784-400-20 MLP by default.
+
+    Its ``sample`` draws z from a Gaussian fitted to the codes of its last training epoch, so
+    that its "generation" can be compared fairly with a VAE's.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 20,
+        hidden_dim: int = 400,
+        lr: float = 1e-3,
+        in_shape: Sequence[int] = (1, 28, 28),
+    ) -> None:
+        super().__init__(latent_dim=latent_dim, lr=lr)
+        check_int("hidden_dim", hidden_dim, 1)
+        in_shape = _shape("in_shape", in_shape)
+        self.save_hyperparameters()
+        self.encoder = MLPEncoder(math.prod(in_shape), hidden_dim, latent_dim)
+        self.decoder = MLPDecoder(latent_dim, hidden_dim, in_shape)
+        # Gaussian fitted to the training codes (moments accumulated during each training epoch).
+        self.register_buffer("code_mean", torch.zeros(latent_dim))
+        self.register_buffer("code_cov", torch.eye(latent_dim))
+        self._code_stats: list[torch.Tensor] | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)  # (B, latent_dim)
+
+    embed = encode
+
+    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encoder(x)  # (B, D)
+        logits = self.decoder(z)  # (B, C, H, W)
+        recon = recon_bce(logits, x).mean()
+        with torch.no_grad():
+            mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
+            if self.training and self._code_stats is not None:
+                zd = z.detach().double()
+                self._code_stats[0] += zd.sum(0)
+                self._code_stats[1] += zd.T @ zd
+                self._code_stats[2] += zd.size(0)
+        return {"loss": recon, "recon": recon, "mse": mse}
+
+    def on_train_epoch_start(self) -> None:
+        d = self.latent_dim
+        kw = {"device": self.device, "dtype": torch.float64}
+        self._code_stats = [torch.zeros(d, **kw), torch.zeros(d, d, **kw), torch.zeros((), **kw)]
+
+    def on_train_epoch_end(self) -> None:
+        total, outer, n = self._code_stats
+        if n.item() > 1:
+            mean = total / n
+            self.code_mean.copy_(mean)
+            self.code_cov.copy_(outer / n - torch.outer(mean, mean))
+        self._code_stats = None
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eye = torch.eye(self.latent_dim, device=self.code_cov.device, dtype=self.code_cov.dtype)
+        chol = torch.linalg.cholesky(self.code_cov + 1e-6 * eye)
+        eps = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+        return self.decode(self.code_mean + eps @ chol.T)
+
+
+class _GaussianVAE(Autoencoder):
+    """A VAE with a diagonal-Gaussian posterior, an N(0, I) prior and a Bernoulli decoder."""
+
+    variational = True
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (mu, logvar), each (B, latent_dim); logvar clamped so exp cannot overflow."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[0]
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4)."""
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)  # one sample: the single-sample ELBO, in every stage
+        logits = self.decoder(z)
+        recon = recon_bce(logits, x).mean()
+        kl = gaussian_kl(mu, logvar).sum(1).mean()
+        with torch.no_grad():
+            mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
+        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl, "mse": mse}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+        return self.decode(z)
+
+
+class VAE(_GaussianVAE):
+    """Seed 1's MLP VAE: 784-400-(mu, logvar of 20) and 20-400-784."""
+
+    def __init__(
+        self,
+        latent_dim: int = 20,
+        hidden_dim: int = 400,
+        beta: float = 1.0,
+        lr: float = 1e-3,
+        in_shape: Sequence[int] = (1, 28, 28),
+    ) -> None:
+        super().__init__(latent_dim=latent_dim, lr=lr, beta=beta)
+        check_int("hidden_dim", hidden_dim, 1)
+        in_shape = _shape("in_shape", in_shape)
+        self.save_hyperparameters()
+        self.encoder = MLPEncoder(math.prod(in_shape), hidden_dim, 2 * latent_dim)
+        self.decoder = MLPDecoder(latent_dim, hidden_dim, in_shape)
+
+
+class ConvVAE(_GaussianVAE):
+    """Seed 2's convolutional VAE: Conv 32/64/128 (k4 s2 p1), flatten 1152, latent 32."""
+
+    def __init__(
+        self,
+        latent_dim: int = 32,
+        channels: Sequence[int] = (32, 64, 128),
+        beta: float = 1.0,
+        lr: float = 5e-4,
+        in_shape: Sequence[int] = (1, 28, 28),
+    ) -> None:
+        super().__init__(latent_dim=latent_dim, lr=lr, beta=beta)
+        in_shape = _shape("in_shape", in_shape)
+        try:
+            channels = [int(c) for c in channels]
+        except (TypeError, ValueError):
+            raise ConfigError("channels", f"must be a list of integers, got {channels!r}") from None
+        if not channels or min(channels) < 1:
+            raise ConfigError("channels", f"must be a non-empty list of integers >= 1: {channels}")
+        self.save_hyperparameters()
+        c, h, w = in_shape
+        self.encoder = ConvEncoder(c, channels, 2 * latent_dim, in_size=h)
+        self.decoder = ConvDecoder(latent_dim, channels, c, start_size=self.encoder.out_spatial)
+        if h != w or self.decoder.out_size != h:
+            raise ConfigError(
+                "channels",
+                f"{len(channels)} stride-2 layers on {h}x{w} images decode to "
+                f"{self.decoder.out_size}x{self.decoder.out_size}; use 3 layers for 28x28 images",
+            )

@@ -1,0 +1,103 @@
+"""Plain nn.Modules that know nothing of Lightning. Decoders return logits.
+
+Encoders return ``out_features`` values per image: 2 * latent_dim for a VAE (mu and log-variance,
+split by the model), latent_dim for a plain autoencoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLPEncoder(nn.Module):
+    """(B, C, H, W) -> flatten -> Linear + ReLU -> Linear -> (B, out_features). Seed 1: 784-400-."""
+
+    def __init__(self, in_features: int, hidden_dim: int, out_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """(B, latent_dim) -> Linear + ReLU -> Linear -> logits (B, *out_shape). Seed 1: -400-784."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, out_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        n_out = 1
+        for d in self.out_shape:
+            n_out *= d
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, n_out),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(-1, *self.out_shape)
+
+
+class ConvEncoder(nn.Module):
+    """Seed 2's encoder: Conv2d k4 s2 p1 per channel count, ReLU, flatten, Linear.
+
+    For 28x28 and channels (32, 64, 128): 28 -> 14 -> 7 -> 3, flatten 128 * 3 * 3 = 1152.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: Sequence[int], out_features: int, in_size: int = 28
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, size = in_channels, in_size
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            c_in, size = c, size // 2  # k4 s2 p1 halves (rounding down)
+        self.conv = nn.Sequential(*layers, nn.Flatten())
+        self.out_spatial = size
+        self.fc = nn.Linear(c_in * size * size, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x))  # (B, 1, 28, 28) -> (B, 1152) -> (B, out_features)
+
+
+class ConvDecoder(nn.Module):
+    """Seed 2's decoder, the encoder mirrored: Linear to (C, 3, 3), ConvTranspose2d k4 s2 p1.
+
+    The first transposed convolution has ``output_padding=1`` so that 3 -> 7 -> 14 -> 28.
+    No activation after the last layer: it returns logits.
+    """
+
+    def __init__(
+        self, latent_dim: int, channels: Sequence[int], out_channels: int, start_size: int = 3
+    ) -> None:
+        super().__init__()
+        rev = list(channels)[::-1]  # (128, 64, 32)
+        self.start = (rev[0], start_size, start_size)
+        self.fc = nn.Linear(latent_dim, rev[0] * start_size * start_size)
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(rev, [*rev[1:], out_channels], strict=True)):
+            last = i == len(rev) - 1
+            layers.append(
+                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=1 if i == 0 else 0)
+            )
+            if not last:
+                layers.append(nn.ReLU())
+        self.deconv = nn.Sequential(*layers)
+        # k4 s2 p1 doubles, plus output_padding on the first layer: 3 -> 7 -> 14 -> 28
+        self.out_size = start_size * 2 + 1
+        for _ in rev[1:]:
+            self.out_size *= 2
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(z)).view(-1, *self.start)  # (B, 128, 3, 3)
+        return self.deconv(h)  # (B, 1, 28, 28) logits

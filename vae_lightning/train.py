@@ -1,0 +1,187 @@
+"""The one Hydra entry point: ``python -m vae_lightning.train [overrides]`` (``vae-train``).
+
+Only wiring: compose objects from the config, fit, test, and record the run folder's
+``metrics.json``. Single runs and multiruns (``-m``) alike; CPU or GPU by ``trainer.accelerator``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.errors import ConfigError, DataError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "conf"
+OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, turning a constructor's ConfigError into one naming the full key."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{group}.{cause.key}", cause.message) from None
+        if isinstance(cause, TypeError) and "unexpected keyword" in str(cause):
+            raise ConfigError(group, f"has a key its class does not take: {cause}") from None
+        raise
+
+
+def _route_lightning_logs_to_hydra() -> None:
+    # Lightning gives its loggers a handler of their own when imported before logging is set up;
+    # let their records reach the root logger instead, so they land in train.log too.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def _resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            "ckpt_path",
+            f"points to {path}, which does not exist. Give a checkpoint file, or `last` together "
+            f"with hydra.run.dir=<the run folder> to resume that run.",
+        )
+    return str(path)
+
+
+def _key_hparams(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """The hyper-parameters that identify a run (metrics.json, the TensorBoard hparams view)."""
+    hp: dict[str, Any] = {
+        "model": type(model).__name__,
+        "data": type_name(cfg.data._target_),
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.get("max_epochs"),
+        "seed": cfg.seed,
+    }
+    for key, value in model.hparams.items():
+        if isinstance(value, (int, float, str, bool)):
+            hp[key] = value
+    hp.setdefault("beta", getattr(model, "beta", 0.0))
+    return hp
+
+
+def type_name(target: str) -> str:
+    return {"MNISTDataModule": "mnist", "FashionMNISTDataModule": "fashion_mnist"}.get(
+        target.rsplit(".", 1)[-1], target
+    )
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit (and test) the configured model; write metrics.json; return ``optimized_metric``."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vae_lightning.callbacks import History
+
+    _route_lightning_logs_to_hydra()
+    # Lightning 2.6 + torch 2.14 warn on every batch transfer about an internal pytree API.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"status": "running", "output_dir": str(output_dir)}
+    t_start = time.perf_counter()
+    history: History | None = None
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = _instantiate(cfg.data, "data")
+        model = _instantiate(cfg.model, "model")
+        record["hparams"] = _key_hparams(cfg, model)
+        callbacks = [
+            _instantiate(node, f"callbacks.{name}")
+            for name, node in (cfg.get("callbacks") or {}).items()
+            if node is not None and "_target_" in node
+        ]
+        history = History(output_dir / "history.csv")
+        callbacks.append(history)
+        loggers = [
+            _instantiate(node, f"logger.{name}")
+            for name, node in (cfg.get("logger") or {}).items()
+            if node is not None and "_target_" in node
+        ]
+        trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+        ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        log.info("run folder: %s", output_dir)
+
+        t_fit = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        record["time/fit_s"] = time.perf_counter() - t_fit
+        metrics = _floats(trainer.callback_metrics)
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
+        if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
+            metrics[f"{ckpt_cb.monitor}_best"] = float(ckpt_cb.best_model_score)
+        if trainer.interrupted:
+            raise RuntimeError("training was interrupted")
+
+        if cfg.get("test"):
+            # The best checkpoint when there is one; under fast_dev_run (no checkpoints) the
+            # current weights.
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            metrics.update(_floats(trainer.callback_metrics))
+        record.update(
+            status="ok",
+            metrics=metrics,
+            epochs=len(history.rows),
+            best_checkpoint=best or None,
+        )
+        for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+            # The hparams view with the real final metrics (Lightning's own call logs -1).
+            tb.log_hyperparams(record["hparams"], {f"hp/{k}": v for k, v in metrics.items()})
+        value = metrics.get(cfg.get("optimized_metric") or "")
+        return value
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        record["time/total_s"] = time.perf_counter() - t_start
+        if history is not None:
+            record["time/epoch_s_median"] = history.median_epoch_s()
+            record["time/epoch_s"] = history.epoch_times
+        record = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
+        }
+        rank_zero_only(_write_json)(output_dir / "metrics.json", record)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except (ConfigError, DataError) as err:
+        # A user error: one clear line, no traceback.
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
