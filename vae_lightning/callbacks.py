@@ -50,7 +50,7 @@ class History(L.Callback):
             self._train_s = time.perf_counter() - self._t0
         row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key, value in sorted(trainer.callback_metrics.items()):
-            if "/" in key:  # stage/name metrics only; "loss" is the progress-bar step value
+            if "/" in key and not key.endswith("_step"):  # epoch-level stage/name metrics
                 row[key] = float(value)
         row["time/epoch_s"] = self._train_s
         row["time/val_s"] = self._val_s

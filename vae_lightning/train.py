@@ -92,7 +92,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
+    return {k: float(v) for k, v in sorted(metrics.items()) if "/" in k and not k.endswith("_step")}
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -1,0 +1,95 @@
+"""Shared fixtures: small synthetic IDX datasets and the composed Hydra config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from vae_lightning.sources import DATASETS, idx_bytes
+from vae_lightning.train import CONFIG_DIR, REPO_ROOT
+
+N_TRAIN, N_TEST = 640, 256
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is visible: a bright horizontal band at a class-dependent height."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 + 2 * y : 5 + 2 * y, 4:24] = 230
+    return images, labels
+
+
+def write_synthetic(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
+    for k, spec in enumerate(DATASETS.values()):
+        raw = spec.raw_dir(root)
+        raw.mkdir(parents=True, exist_ok=True)
+        for split, n, seed in (("train", n_train, 1 + k), ("t10k", n_test, 100 + k)):
+            images, labels = synthetic_images(n, seed)
+            (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+            (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder with synthetic MNIST and Fashion-MNIST (verify=false: not the official md5)."""
+    return write_synthetic(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The repository's data/ when `make data` has filled it; otherwise the test is skipped."""
+    root = REPO_ROOT / "data"
+    for spec in DATASETS.values():
+        if not all((spec.raw_dir(root) / name).is_file() for name in spec.md5):
+            pytest.skip(f"real {spec.name} not in {root} (run `make data`)")
+    return root
+
+
+def small_overrides(data_dir: Path, output_dir: Path) -> list[str]:
+    return [
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={output_dir}",
+        "data.verify=false",
+        "data.download=false",
+        "data.val_size=128",
+        "data.batch_size=64",
+        "trainer.accelerator=cpu",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.fixture
+def compose_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml with overrides, pointed at synthetic data and tmp_path."""
+
+    def _compose(*overrides: str, small: bool = True) -> DictConfig:
+        extra = small_overrides(data_dir, tmp_path / "run") if small else []
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=[*extra, *overrides])
+
+    return _compose
+
+
+def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real entry point in a subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
