@@ -66,7 +66,6 @@ def small_overrides(data_dir: Path, output_dir: Path) -> list[str]:
         "data.batch_size=64",
         "trainer.accelerator=cpu",
         "trainer.enable_model_summary=false",
-        "trainer.enable_progress_bar=false",
     ]
 
 

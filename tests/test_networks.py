@@ -14,7 +14,7 @@ def test_mlp_shapes_and_seed1_sizes():
     x = torch.rand(3, 1, 28, 28)
     assert enc(x).shape == (3, 40)
     assert dec(torch.randn(3, 20)).shape == (3, 1, 28, 28)
-    # pytorch/examples' VAE: fc1 784*400+400, fc21/fc22 2*(400*20+20), fc3 20*400+400, fc4 400*784+784
+    # pytorch/examples' VAE: fc1, fc21 + fc22, fc3, fc4
     assert (
         n_params(VAE()) == 784 * 400 + 400 + 2 * (400 * 20 + 20) + 20 * 400 + 400 + 400 * 784 + 784
     )

@@ -18,6 +18,7 @@ folder (a parallel sweep on an empty machine).
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import fcntl
 import gzip
@@ -213,6 +214,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
+            # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1");
+            # it only turns a string into bytes (torch's weights_only unpickler admits it too).
+            ("_codecs", "encode"): codecs.encode,
         }
         try:
             return allowed[(module, name)]
