@@ -79,7 +79,8 @@ class Autoencoder(L.LightningModule):
         terms = self.terms(x)
         self._accumulate(stage, terms, x.size(0))
         if stage == "train" and self._trainer is not None:
-            if batch_idx % self.trainer.log_every_n_steps == 0:
+            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+                # the steps at which Lightning writes step metrics to the loggers
                 self.log("train/loss_step", terms["loss"], prog_bar=True, on_step=True)
             if batch_idx == self.trainer.num_training_batches - 1:
                 # Log here rather than in on_train_epoch_end: callbacks' on_train_epoch_end

@@ -63,12 +63,12 @@ def _resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
-def _key_hparams(cfg: DictConfig, model: Any) -> dict[str, Any]:
+def _key_hparams(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, Any]:
     """The hyper-parameters that identify a run (metrics.json, the TensorBoard hparams view)."""
     hp: dict[str, Any] = {
         "model": type(model).__name__,
-        "data": type_name(cfg.data._target_),
-        "batch_size": cfg.data.batch_size,
+        "data": datamodule.dataset_name,
+        "batch_size": datamodule.batch_size,
         "max_epochs": cfg.trainer.get("max_epochs"),
         "seed": cfg.seed,
     }
@@ -77,12 +77,6 @@ def _key_hparams(cfg: DictConfig, model: Any) -> dict[str, Any]:
             hp[key] = value
     hp.setdefault("beta", getattr(model, "beta", 0.0))
     return hp
-
-
-def type_name(target: str) -> str:
-    return {"MNISTDataModule": "mnist", "FashionMNISTDataModule": "fashion_mnist"}.get(
-        target.rsplit(".", 1)[-1], target
-    )
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -115,7 +109,7 @@ def train(cfg: DictConfig) -> float | None:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = _instantiate(cfg.data, "data")
         model = _instantiate(cfg.model, "model")
-        record["hparams"] = _key_hparams(cfg, model)
+        record["hparams"] = _key_hparams(cfg, model, datamodule)
         callbacks = [
             _instantiate(node, f"callbacks.{name}")
             for name, node in (cfg.get("callbacks") or {}).items()
@@ -157,8 +151,9 @@ def train(cfg: DictConfig) -> float | None:
         for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
             # The hparams view with the real final metrics (Lightning's own call logs -1).
             tb.log_hyperparams(record["hparams"], {f"hp/{k}": v for k, v in metrics.items()})
-        value = metrics.get(cfg.get("optimized_metric") or "")
-        return value
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")}
+        log.info("done: %s; run folder: %s", shown or metrics, output_dir)
+        return metrics.get(cfg.get("optimized_metric") or "")
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise
