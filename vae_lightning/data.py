@@ -237,10 +237,15 @@ class IDXDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        x = x.float().div_(255.0)  # (B, 1, 28, 28) in [0, 1], on the device
+        x = to_unit_float(x)  # (B, 1, 28, 28) in [0, 1], on the device
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)  # a fresh draw every time, on the device
         return x, y
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (as torchvision's ToTensor), on x's device."""
+    return x.float().div_(255.0)
 
 
 def _bernoulli_uint8(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -137,12 +137,23 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.interrupted:
             raise RuntimeError("training was interrupted")
 
+        extras: dict[str, Any] = {}
+        for cb in callbacks:  # what callbacks measured at the end of fit (probe, collapse)
+            summary = dict(cb.summary()) if callable(getattr(cb, "summary", None)) else {}
+            metrics.update(summary.pop("metrics", {}))
+            for key, value in summary.items():
+                if isinstance(value, dict) and isinstance(extras.get(key), dict):
+                    extras[key].update(value)
+                else:
+                    extras[key] = value
+
         if cfg.get("test"):
             # The best checkpoint when there is one; under fast_dev_run (no checkpoints) the
             # current weights.
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             metrics.update(_floats(trainer.callback_metrics))
         record.update(
+            extras,
             status="ok",
             metrics=metrics,
             epochs=len(history.rows),
