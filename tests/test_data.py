@@ -266,3 +266,28 @@ def test_real_data_is_official(real_data_dir):
             if name == "mnist"
             else [1000] * 10
         )
+
+
+@pytest.mark.parametrize("n", [10, 11, 13])
+def test_ddp_shards_are_disjoint_and_train_shards_equal_in_length(n):
+    from vae_lightning.data import InMemoryBatches
+
+    images, labels = torch.arange(n).view(n, 1, 1, 1), torch.arange(n)
+
+    def shard(rank, shuffle, even):
+        loader = InMemoryBatches(
+            images, labels, 3, shuffle, seed=0, rank=rank, world_size=3, even=even
+        )
+        loader.set_epoch(1)
+        return [y.tolist() for _, y in loader], len(loader)
+
+    # evaluation: an exact partition of the split, nothing counted twice
+    parts = [shard(r, shuffle=False, even=False) for r in range(3)]
+    seen = sorted(i for batches, _ in parts for b in batches for i in b)
+    assert seen == list(range(n))
+    # training: every rank the same number of batches and images, the union covers the split
+    parts = [shard(r, shuffle=True, even=True) for r in range(3)]
+    assert len({length for _, length in parts}) == 1
+    assert len({sum(len(b) for b in batches) for batches, _ in parts}) == 1
+    union = [i for batches, _ in parts for b in batches for i in b]
+    assert set(union) == set(range(n)) and len(union) - n == (-n) % 3  # padding only

@@ -74,10 +74,14 @@ def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class InMemoryBatches:
-    """Batches of an in-memory split, sliced by a seeded permutation.
+    """Batches of an in-memory split, sliced by a seeded permutation, sharded across processes.
 
     Lightning calls ``batch_sampler.set_epoch(epoch)`` on any loader that has one, so the order
     depends only on (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
+    Under DDP (``world_size > 1``) each rank takes a disjoint stride of the permutation; for
+    training (``even=True``) the permutation is padded with its own first indices, as
+    DistributedSampler does, so that every rank has the same number of batches; for evaluation
+    shards stay exact (no image counted twice) and may differ by one batch.
     Written here rather than using a DataLoader because slicing whole batches out of one tensor
     avoids per-sample indexing and collation, which dominate the cost for models this small.
     """
@@ -89,32 +93,47 @@ class InMemoryBatches:
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
-        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = False,
     ) -> None:
         self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.seed, self.drop_last = (
-            batch_size,
-            shuffle,
-            seed,
-            drop_last,
-        )
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.even = rank, world_size, even
         self.epoch = 0
         self.batch_sampler = self  # so that Lightning's _set_sampler_epoch finds set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _indices(self) -> torch.Tensor | None:
+        """This rank's indices in order, or None for the whole split in its stored order."""
         n = len(self.images)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.images)
+        if not self.shuffle and self.world_size == 1:
+            return None
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g)
         else:
-            order = None
+            order = torch.arange(n)
+        if self.world_size > 1:
+            if self.even and n % self.world_size:
+                pad = self.world_size - n % self.world_size
+                order = torch.cat([order, order[:pad]])
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def _shard_size(self) -> int:
+        n, w = len(self.images), self.world_size
+        if w == 1:
+            return n
+        return math.ceil(n / w) if self.even else len(range(self.rank, n, w))
+
+    def __len__(self) -> int:
+        return math.ceil(self._shard_size() / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices()
         for i in range(len(self)):
             if order is None:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
@@ -224,7 +243,18 @@ class IDXDataModule(L.LightningDataModule):
         if not self.splits:
             self.setup()
         x, y = self.splits[split]
-        return InMemoryBatches(x, y, batch_size, shuffle=shuffle, seed=self.seed)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return InMemoryBatches(
+            x,
+            y,
+            batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            even=split == "train",
+        )
 
     def train_dataloader(self) -> InMemoryBatches:
         return self._loader("train", True, self.batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,21 @@ from vae_lightning.errors import ConfigError, DataError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+
+
+def _job_dirname(overrides: str) -> str:
+    """A multirun job's folder name from its overrides: no '/', and at most ~200 characters
+    (a long override list gets a hash instead of its tail, to stay under the 255-byte limit;
+    the job's .hydra/overrides.yaml always has them all)."""
+    import hashlib
+
+    name = overrides.replace("/", "%")
+    if len(name) > 200:
+        name = f"{name[:180]}_{hashlib.md5(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+OmegaConf.register_new_resolver("job_dirname", _job_dirname, replace=True)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +95,34 @@ def _key_hparams(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, Any]
     return hp
 
 
+def _finished_record(path: Path) -> dict[str, Any] | None:
+    """A run folder's metrics.json when it records a finished run, else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("status") == "ok" else None
+
+
+def _set_torch_threads(cfg: DictConfig) -> None:
+    """``threads`` when set; else, under a parallel launcher, the cores divided among its jobs."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    threads = cfg.get("threads")
+    if threads is None and HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher
+        n_jobs, cpus = launcher.get("n_jobs"), launcher.get("cpus_per_task")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if cpus:
+            threads = int(cpus)
+        elif n_jobs:
+            threads = max(1, (cores or 1) // (int(n_jobs) if n_jobs > 0 else cores or 1))
+    if threads:
+        torch.set_num_threads(int(threads))
+        log.info("torch threads: %d", torch.get_num_threads())
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
@@ -98,9 +142,15 @@ def train(cfg: DictConfig) -> float | None:
     from vae_lightning.callbacks import History
 
     _route_lightning_logs_to_hydra()
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("sweep_resume"):
+        previous = _finished_record(output_dir / "metrics.json")
+        if previous is not None:
+            log.info("already finished, skipped (sweep_resume=true): %s", output_dir)
+            return previous.get("metrics", {}).get(cfg.get("optimized_metric") or "")
+    _set_torch_threads(cfg)
     # Lightning 2.6 + torch 2.14 warn on every batch transfer about an internal pytree API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"status": "running", "output_dir": str(output_dir)}
     t_start = time.perf_counter()
@@ -179,14 +229,30 @@ def train(cfg: DictConfig) -> float | None:
         rank_zero_only(_write_json)(output_dir / "metrics.json", record)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except (ConfigError, DataError) as err:
+        if _in_multirun():  # one job's bad value must not stop the others
+            log.error("job failed (recorded in its metrics.json): %s", err)
+            return math.nan
         # A user error: one clear line, no traceback.
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
+    except Exception:
+        if _in_multirun():
+            # Hydra's sweepers stop the whole sweep on a job's exception; record and go on.
+            log.exception("job failed (recorded in its metrics.json)")
+            return math.nan
+        raise
 
 
 if __name__ == "__main__":

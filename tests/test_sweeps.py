@@ -1,0 +1,128 @@
+"""Sweeps: multiruns through each launcher, failing jobs, resume, DDP, folder uniqueness."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+SMALL = [
+    "data.verify=false",
+    "data.download=false",
+    "data.val_size=128",
+    "trainer.accelerator=cpu",
+    "callbacks.latent_probe.max_train=200",
+]
+
+
+def job_records(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def sweep(data_dir: Path, sweep_dir: Path, *args: str):
+    result = run_cli(
+        "-m",
+        "debug=fast",
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *SMALL,
+        *args,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+def test_a_2x2_sweep_through_each_launcher(data_dir, tmp_path, launcher):
+    out = tmp_path / "sweep"
+    sweep(data_dir, out, "model.latent_dim=2,4", "model.beta=1,2", f"hydra/launcher={launcher}")
+    records = job_records(out)
+    assert len(records) == 4
+    assert all(r["status"] == "ok" for r in records.values())
+    grid = {(r["hparams"]["latent_dim"], r["hparams"]["beta"]) for r in records.values()}
+    assert grid == {(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)}
+    if launcher == "joblib":  # 2 parallel jobs on this machine's cores: threads divided
+        logs = "".join(p.read_text() for p in out.glob("*/train.log"))
+        assert "torch threads:" in logs
+
+
+def test_a_failing_job_is_recorded_and_the_others_run(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    sweep(data_dir, out, "model.latent_dim=0,3")
+    records = job_records(out)
+    assert len(records) == 2
+    failed = [r for name, r in records.items() if "latent_dim=0" in name]
+    ok = [r for name, r in records.items() if "latent_dim=3" in name]
+    assert failed[0]["status"] == "failed"
+    assert "model.latent_dim must be an integer >= 1, got 0" in failed[0]["error"]
+    assert ok[0]["status"] == "ok"
+
+
+def test_a_resumed_sweep_reruns_only_unfinished_jobs(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    sweep(data_dir, out, "model.latent_dim=2,3,4")
+    records = job_records(out)
+    assert len(records) == 3
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+    # one job "killed": its record says running
+    (victim,) = [
+        p for p in finished if "latent_dim=3" in (p.parent / ".hydra/overrides.yaml").read_text()
+    ]
+    victim.write_text(json.dumps({"status": "running"}))
+    sweep(data_dir, out, "model.latent_dim=2,3,4", "sweep_resume=true")
+    for path, mtime in finished.items():
+        if path == victim:
+            assert json.loads(path.read_text())["status"] == "ok"  # rerun
+        else:
+            assert path.stat().st_mtime_ns == mtime  # untouched
+    assert len(job_records(out)) == 3  # the same folders, no new ones
+
+
+def test_two_sweeps_started_together_get_their_own_folders(data_dir, tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "vae_lightning.train",
+        "-m",
+        "debug=fast",
+        "model.latent_dim=2,3",
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path}",
+        *SMALL,
+    ]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in "ab"
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    sweeps = sorted((tmp_path / "debug" / "multiruns").iterdir())
+    assert len(sweeps) == 2
+    assert all(len(job_records(s)) == 2 for s in sweeps)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        "trainer=ddp",
+        "trainer.devices=2",
+        "debug=limit",
+        "trainer.limit_train_batches=null",
+        f"paths.data_dir={data_dir}",
+        f"hydra.run.dir={out}",
+        *SMALL,
+        "data.batch_size=64",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    # 512 training images, 2 ranks of 256, batch 64: 4 steps per epoch, 2 epochs
+    assert [
+        int(line.split(",")[1]) for line in (out / "history.csv").read_text().splitlines()[1:]
+    ] == [4, 8]
+    log = (out / "train.log").read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
