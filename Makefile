@@ -14,7 +14,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report bench test test-fast lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,16 @@ data: install ## fetch and verify MNIST and Fashion-MNIST into $(DATA_DIR)/ (off
 
 train: data ## train (default: seed 1's VAE on MNIST); ARGS="experiment=seed2_convvae_fashion ..."
 	$(BIN)/python -m vae_lightning.train paths.data_dir=$(abspath $(DATA_DIR)) $(ARGS)
+
+sweep: data ## latent_dim x beta sweep (20 jobs) and its REPORT.md; ARGS="hydra/launcher=joblib ..."
+	$(BIN)/python -m vae_lightning.train experiment=sweep_latent_beta paths.data_dir=$(abspath $(DATA_DIR)) $(ARGS)
+
+report: install ## REPORT.md, summary.csv and plots for every run folder below DIR=...
+	@test -n "$(DIR)" || { echo "usage: make report DIR=outputs/<task>/multiruns/<stamp>"; exit 2; }
+	$(BIN)/vae-report $(DIR)
+
+bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
+	$(BIN)/vae-bench $(ARGS)
 
 test: install ## run the test suite (slow tests included; under 10 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

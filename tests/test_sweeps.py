@@ -45,6 +45,12 @@ def test_a_2x2_sweep_through_each_launcher(data_dir, tmp_path, launcher):
     assert all(r["status"] == "ok" for r in records.values())
     grid = {(r["hparams"]["latent_dim"], r["hparams"]["beta"]) for r in records.values()}
     assert grid == {(2, 1.0), (2, 2.0), (4, 1.0), (4, 2.0)}
+    # the sweep's report: one table row per job
+    report = (out / "REPORT.md").read_text()
+    assert "4 runs: 4 ok" in report
+    assert sum(line.startswith("| `") for line in report.splitlines()) == 4
+    assert (out / "summary.csv").read_text().count("\n") == 5
+    assert (out / "heatmap_test_loss.png").is_file()
     if launcher == "joblib":  # 2 parallel jobs on this machine's cores: threads divided
         logs = "".join(p.read_text() for p in out.glob("*/train.log"))
         assert "torch threads:" in logs

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import ConfigError, DataError
@@ -227,6 +228,19 @@ def train(cfg: DictConfig) -> float | None:
             k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
         }
         rank_zero_only(_write_json)(output_dir / "metrics.json", record)
+
+
+class SweepReport(Callback):
+    """Hydra callback: when a multirun ends, write REPORT.md, summary.csv and the plots into
+    its sweep folder (report.py, imported only then)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vae_lightning.report import write_report
+
+        try:
+            log.info("sweep report: %s", write_report(Path(config.hydra.sweep.dir)))
+        except FileNotFoundError as err:  # e.g. every job was skipped before writing anything
+            log.warning("no sweep report: %s", err)
 
 
 def _in_multirun() -> bool:

@@ -1,0 +1,312 @@
+"""report.py on hand-made run folders with known numbers: CSV rows, REPORT.md, PNGs, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vae_lightning.report import SUMMARY_COLUMNS, collect_runs, main, metric_grid, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# (latent_dim, beta) -> (recon, kl, mse, rf_acc); loss = recon + beta * kl. Every number is
+# exact in binary, so what the report prints can be asserted exactly.
+GRID = {
+    (2, 1.0): (95.5, 4.25, 0.0625, 0.5),
+    (2, 4.0): (99.0, 2.5, 0.075, 0.4375),
+    (8, 1.0): (80.0, 12.5, 0.03125, 0.875),
+    (8, 4.0): (81.25, 5.0, 0.0375, 0.8125),  # test/loss 101.25
+}
+FAILED_ERROR = "ConfigError: model.beta must be a finite number >= 0.0, got -1.0"
+
+
+def write_run(
+    folder: Path,
+    *,
+    status: str = "ok",
+    model: str = "VAE",
+    data: str = "mnist",
+    latent_dim: int = 2,
+    beta: float = 1.0,
+    recon: float = 90.0,
+    kl: float | None = 5.0,
+    mse: float = 0.05,
+    rf_acc: float = 0.75,
+    val_losses: tuple[float, ...] = (120.0, 110.0, 105.0),
+    overrides: tuple[str, ...] = (),
+    payload: dict[str, Any] | None = None,
+) -> Path:
+    """A run folder as train.py writes it: metrics.json, history.csv, .hydra/overrides.yaml."""
+    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if payload is None:
+        loss = recon + beta * (kl or 0.0)
+        metrics = {
+            "test/loss": loss,
+            "test/recon": recon,
+            "test/mse": mse,
+            "val/loss": val_losses[-1],
+            "val/loss_best": min(val_losses),
+            "probe/rf_acc": rf_acc,
+            "probe/logreg_acc": rf_acc - 0.0625,
+            "probe/knn_acc": rf_acc + 0.0625,
+        }
+        if kl is not None:
+            metrics.update({"test/kl": kl, "val/active_units": float(latent_dim - 1)})
+        payload = {
+            "status": status,
+            "metrics": metrics,
+            "hparams": {
+                "model": model,
+                "data": data,
+                "latent_dim": latent_dim,
+                "beta": beta,
+                "lr": 0.001,
+                "batch_size": 128,
+                "max_epochs": 3,
+                "seed": 0,
+            },
+            "epochs": len(val_losses),
+            "time/fit_s": 12.3,
+            "time/epoch_s_median": 4.0,
+            "time/total_s": 13.0,
+            "output_dir": str(folder),
+            "best_checkpoint": None,
+        }
+    (folder / "metrics.json").write_text(json.dumps(payload))
+    with open(folder / "history.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/loss", "time/epoch_s", "time/val_s"])
+        for epoch, val in enumerate(val_losses):
+            # an empty cell, as History writes for a column an epoch lacked
+            writer.writerow([epoch, 10 * (epoch + 1), val + 5, val, "", 0.5])
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A 2×2 multirun (two levels down), a failed single run and one with broken JSON."""
+    root = tmp_path / "outputs"
+    for num, ((z, beta), (recon, kl, mse, acc)) in enumerate(GRID.items()):
+        job = root / "multiruns" / "2026-01-01_00-00-00" / f"{num}_z{z}_b{beta}"
+        overrides = (f"model.latent_dim={z}", f"model.beta={beta}")
+        write_run(
+            job,
+            latent_dim=z,
+            beta=beta,
+            recon=recon,
+            kl=kl,
+            mse=mse,
+            rf_acc=acc,
+            overrides=overrides,
+        )
+    write_run(
+        root / "runs" / "2026-01-02_00-00-00_000001",
+        overrides=("model.beta=-1.0",),
+        payload={"status": "failed", "error": FAILED_ERROR, "time/total_s": 0.5},
+    )
+    broken = write_run(root / "runs" / "2026-01-03_00-00-00_000002")
+    (broken / "metrics.json").write_text('{"status": "ok", "metrics": {')
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(text: str) -> list[dict[str, str]]:
+    """The runs table of REPORT.md as one dict per row (header -> cell text)."""
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split(" | ")]
+    return [
+        dict(zip(header, (c.strip() for c in r.strip("|").split(" | ")), strict=True))
+        for r in rows[1:]
+    ]
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_collect_runs_finds_nested_runs_sorted_and_ignores_hydra(sweep: Path) -> None:
+    # a metrics.json inside a .hydra folder is not a run
+    (sweep / "runs" / "2026-01-02_00-00-00_000001" / ".hydra" / "metrics.json").write_text("{}")
+    runs = collect_runs(sweep)
+    assert [(r.latent_dim, r.beta, r.status) for r in runs] == [
+        (2, 1.0, "ok"),
+        (2, 4.0, "ok"),
+        (8, 1.0, "ok"),
+        (8, 4.0, "ok"),
+        (None, None, "failed"),
+        (None, None, "unreadable"),
+    ]
+    assert all(".hydra" not in r.path.parts for r in runs)
+    z8b4 = runs[3]
+    assert z8b4.path.relative_to(sweep).parts[:2] == ("multiruns", "2026-01-01_00-00-00")
+    assert z8b4.metrics["test/loss"] == 101.25
+    assert z8b4.overrides == ["model.latent_dim=8", "model.beta=4.0"]
+    assert z8b4.timings == {"time/fit_s": 12.3, "time/epoch_s_median": 4.0, "time/total_s": 13.0}
+    assert [row["val/loss"] for row in z8b4.history] == [120.0, 110.0, 105.0]
+    assert math.isnan(z8b4.history[0]["time/epoch_s"])
+    assert runs[4].error == FAILED_ERROR and runs[4].hparams == {} and runs[4].metrics == {}
+    assert "not valid JSON" in runs[5].error
+
+
+def test_summary_csv_rows_and_values(sweep: Path) -> None:
+    write_report(sweep)
+    rows = read_csv(sweep / "summary.csv")
+    assert tuple(rows[0]) == SUMMARY_COLUMNS
+    assert [(r["latent_dim"], r["beta"], r["status"]) for r in rows] == [
+        ("2", "1.0", "ok"),
+        ("2", "4.0", "ok"),
+        ("8", "1.0", "ok"),
+        ("8", "4.0", "ok"),
+        ("", "", "failed"),
+        ("", "", "unreadable"),
+    ]
+    assert rows[3] == {
+        "run": "multiruns/2026-01-01_00-00-00/3_z8_b4.0",
+        "status": "ok",
+        "model": "VAE",
+        "data": "mnist",
+        "latent_dim": "8",
+        "beta": "4.0",
+        "epochs": "3",
+        "test/loss": "101.25",
+        "test/recon": "81.25",
+        "test/kl": "5.0",
+        "test/mse": "0.0375",
+        "val/loss_best": "105.0",
+        "probe/rf_acc": "0.8125",
+        "probe/logreg_acc": "0.75",
+        "probe/knn_acc": "0.875",
+        "val/active_units": "7.0",
+        "time/fit_s": "12.3",
+        "error": "",
+    }
+    assert [r["test/loss"] for r in rows[:4]] == ["99.75", "109.0", "92.5", "101.25"]
+    failed = rows[4]
+    assert failed["run"] == "runs/2026-01-02_00-00-00_000001"
+    assert failed["error"] == FAILED_ERROR
+    assert all(failed[c] == "" for c in SUMMARY_COLUMNS if c not in ("run", "status", "error"))
+    assert rows[5]["run"] == "runs/2026-01-03_00-00-00_000002"
+    assert rows[5]["error"].startswith("metrics.json is not valid JSON")
+    assert not list(sweep.glob("*.part"))  # written atomically: no temporary file left
+
+
+def test_report_markdown(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    report = write_report(sweep, out)
+    assert report == out / "REPORT.md"
+    text = report.read_text()
+    assert not (sweep / "REPORT.md").exists()  # --out is honoured
+    assert "6 runs: 4 ok, 1 failed, 1 unreadable." in text
+    assert "nats per image" in text and "loss = recon + beta * kl" in text
+    table = markdown_table(text)
+    assert tuple(table[0]) == SUMMARY_COLUMNS
+    assert len(table) == 6
+    z8b4 = table[3]
+    assert z8b4["run"] == "`multiruns/2026-01-01_00-00-00/3_z8_b4.0`"
+    assert (z8b4["latent_dim"], z8b4["beta"], z8b4["test/loss"]) == ("8", "4", "101.25")
+    assert z8b4["test/mse"] == "0.0375"
+    assert z8b4["probe/rf_acc"] == "81.25%"
+    assert z8b4["time/fit_s"] == "12.3"
+    assert z8b4["val/active_units"] == "7"
+    assert z8b4["error"] == "—"
+    assert sum("101.25" in line for line in text.splitlines()) == 1
+    assert table[4]["model"] == "—" and table[4]["test/loss"] == "—"
+    assert table[4]["error"] == FAILED_ERROR
+    failed_section = text.split("## Failed runs", 1)[1].split("## Plots", 1)[0]
+    assert (
+        "`runs/2026-01-02_00-00-00_000001` (failed; overrides: `model.beta=-1.0`)" in failed_section
+    )
+    assert FAILED_ERROR in failed_section
+    assert "`runs/2026-01-03_00-00-00_000002` (unreadable" in failed_section
+    for name in ("heatmap_test_loss.png", "rate_distortion.png", "val_curves.png"):
+        assert f"[{name}]({name})" in text
+
+
+def test_plots_written(sweep: Path) -> None:
+    write_report(sweep)
+    expected = {
+        "heatmap_test_loss.png",
+        "heatmap_test_recon.png",
+        "heatmap_test_kl.png",
+        "heatmap_test_mse.png",
+        "heatmap_probe_rf_acc.png",
+        "heatmap_val_active_units.png",
+        "rate_distortion.png",
+        "val_curves.png",
+    }
+    assert {p.name for p in sweep.glob("*.png")} == expected
+    assert all(is_png(sweep / name) for name in expected)
+
+
+def test_metric_grid_places_values_and_leaves_missing_cells_blank(sweep: Path) -> None:
+    runs = [
+        r for r in collect_runs(sweep) if r.status == "ok" and (r.latent_dim, r.beta) != (2, 4.0)
+    ]
+    zs, betas, values, count = metric_grid(runs, "test/loss")
+    assert (zs, betas) == ([2, 8], [1.0, 4.0])
+    np.testing.assert_array_equal(values, [[99.75, 92.5], [np.nan, 101.25]])  # rows: beta
+    np.testing.assert_array_equal(count, [[1, 1], [0, 1]])
+
+
+def test_no_heatmap_for_a_single_configuration(tmp_path: Path) -> None:
+    write_run(tmp_path / "runs" / "a", latent_dim=2, beta=1.0, recon=90.0, kl=5.0)
+    write_run(tmp_path / "runs" / "b", latent_dim=2, beta=1.0, recon=92.0, kl=4.0)  # same cell
+    ae = write_run(tmp_path / "runs" / "c", model="AE", latent_dim=2, beta=0.0, kl=None)
+    text = write_report(tmp_path).read_text()
+    assert not list(tmp_path.glob("heatmap_*.png"))
+    assert "](heatmap_" not in text
+    assert is_png(tmp_path / "rate_distortion.png") and is_png(tmp_path / "val_curves.png")
+    ae_row = next(r for r in read_csv(tmp_path / "summary.csv") if r["model"] == "AE")
+    assert ae_row["run"] == ae.relative_to(tmp_path).as_posix()
+    assert (ae_row["test/kl"], ae_row["val/active_units"], ae_row["test/loss"]) == ("", "", "90.0")
+    md_ae = next(r for r in markdown_table(text) if r["model"] == "AE")
+    assert (md_ae["test/kl"], md_ae["test/loss"]) == ("—", "90.00")
+
+
+def test_only_failed_runs_still_make_a_report(tmp_path: Path) -> None:
+    write_run(tmp_path / "0_x", payload={"status": "failed", "error": "RuntimeError: boom"})
+    write_run(tmp_path / "1_y", payload={"status": "failed"})  # not even an error
+    text = write_report(tmp_path).read_text()
+    assert "2 runs: 0 ok, 2 failed." in text
+    assert "RuntimeError: boom" in text and "(no error recorded)" in text
+    assert not list(tmp_path.glob("*.png")) and "## Plots" not in text
+
+
+def test_main_writes_and_logs(
+    sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vae_lightning.report")
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "REPORT.md").is_file()
+    assert f"report written: {tmp_path / 'out' / 'REPORT.md'}" in caplog.text
+
+
+@pytest.mark.parametrize("make", [False, True], ids=["missing", "empty"])
+def test_main_fails_clearly_without_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: bool
+) -> None:
+    folder = tmp_path / "nothing"
+    if make:
+        (folder / "runs" / ".hydra").mkdir(parents=True)
+        (folder / "runs" / ".hydra" / "metrics.json").write_text("{}")  # not a run folder
+    assert main([str(folder)]) == 1
+    assert str(folder) in caplog.text
+    assert "metrics.json" in caplog.text and "make train" in caplog.text
+    if make:
+        assert f"no run folder (a folder with metrics.json) below {folder}" in caplog.text
+    else:
+        assert "does not exist" in caplog.text
+    assert not (folder / "REPORT.md").exists()
