@@ -132,3 +132,50 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     ] == [4, 8]
     log = (out / "train.log").read_text()
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+
+
+@pytest.mark.slow
+def test_a_multirun_of_ddp_jobs(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    sweep(
+        data_dir,
+        out,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "model.latent_dim=2,3",
+        "~callbacks.latent_probe",
+    )
+    records = job_records(out)
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records.values())
+    for log in out.glob("*/train.log"):  # both processes ran every job
+        text = log.read_text()
+        assert "[rank: 1] Seed set" in text  # the second process ran this job too
+
+
+@pytest.mark.slow
+def test_optuna_search_is_seeded_and_minimises_the_metric(data_dir, tmp_path):
+    def search(folder):
+        sweep(
+            data_dir,
+            folder,
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            "~callbacks.latent_probe",
+        )
+        return sorted(
+            (r["hparams"]["latent_dim"], round(r["hparams"]["beta"], 6), r["metrics"]["val/loss"])
+            for r in job_records(folder).values()
+        )
+
+    first, second = search(tmp_path / "a"), search(tmp_path / "b")
+    assert len(first) == 3
+    assert [t[:2] for t in first] == [t[:2] for t in second]  # the same trials for the same seed
+    best = yaml_best(tmp_path / "a" / "optimization_results.yaml")
+    assert best == pytest.approx(min(t[2] for t in first))
+
+
+def yaml_best(path: Path) -> float:
+    import yaml
+
+    return float(yaml.safe_load(path.read_text())["best_value"])
