@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,13 @@ class History(L.Callback):
         self.rows.append(row)
         self._write()
 
+    # rows travel in checkpoints, so a resumed run's history.csv keeps the earlier epochs
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+
     @property
     def epoch_times(self) -> list[float]:
         return [r["time/epoch_s"] for r in self.rows]
@@ -95,6 +104,62 @@ class History(L.Callback):
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint.
+
+    A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
+    recording the job as failed and starting the next one.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at epoch {epoch}, step {step}; checkpoint saved: {checkpoint}")
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during fit: finish the current step,
+    save a resumable checkpoint to ``path`` and stop with ``RunInterrupted``.
+
+    Replaces Python's KeyboardInterrupt, which could strike in the middle of an optimizer step,
+    and Lightning's own SIGTERM handling, which stops without saving. The checkpoint holds the
+    loop position, the loader's position in the epoch and the RNG state, so a resumed run
+    continues exactly (see VAE.on_save_checkpoint and InMemoryBatches.state_dict).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.received is None:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        raise RunInterrupted(self.received, self.path, trainer.current_epoch, trainer.global_step)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
 
 
 # --- shared machinery of the visual callbacks ---------------------------------------------------

@@ -102,9 +102,29 @@ class InMemoryBatches:
         self.rank, self.world_size, self.even = rank, world_size, even
         self.epoch = 0
         self.batch_sampler = self  # so that Lightning's _set_sampler_epoch finds set_epoch
+        self.consumed = 0  # batches of this epoch that reached a training step
+        self._skip = 0  # batches to skip at the next iteration (resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0
         self.epoch = epoch
+
+    # Lightning saves these in checkpoints of loaders that have them and restores them before
+    # iterating, so a run resumed mid-epoch continues with the very next batch. ``consumed``
+    # counts batches handed to training steps (mark_consumed), not batches fetched: Lightning
+    # prefetches one batch ahead.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        done = int(state["consumed"])
+        self._skip = done if done < len(self) else 0  # a finished epoch resumes with the next
+        self.consumed = self._skip
+
+    def mark_consumed(self) -> None:
+        self.consumed += 1
 
     def _indices(self) -> torch.Tensor | None:
         """This rank's indices in order, or None for the whole split in its stored order."""
@@ -133,8 +153,10 @@ class InMemoryBatches:
         return math.ceil(self._shard_size() / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self._skip = self._skip, 0
+        self.consumed = start
         order = self._indices()
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             if order is None:
                 sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
                 yield self.images[sl], self.labels[sl]
@@ -198,6 +220,7 @@ class IDXDataModule(L.LightningDataModule):
         self.binarize, self.seed = binarize, seed
         self.download, self.verify = download, verify
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._train_loader: InMemoryBatches | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -257,7 +280,8 @@ class IDXDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> InMemoryBatches:
-        return self._loader("train", True, self.batch_size)
+        self._train_loader = self._loader("train", True, self.batch_size)
+        return self._train_loader
 
     def val_dataloader(self) -> InMemoryBatches:
         return self._loader("val", False, self.eval_batch_size)
@@ -267,6 +291,9 @@ class IDXDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()  # this batch goes to a training step now
         x = to_unit_float(x)  # (B, 1, 28, 28) in [0, 1], on the device
         if self.binarize == "dynamic":
             x = torch.bernoulli(x)  # a fresh draw every time, on the device

@@ -49,6 +49,9 @@ class Autoencoder(L.LightningModule):
         self.decoder: torch.nn.Module
         # stage -> (sums of the terms over the epoch's images (K,), image count, term names)
         self._epoch_sums: dict[str, tuple[torch.Tensor, int, tuple[str, ...]]] = {}
+        self._rng_to_restore: torch.Tensor | None = None
+        # step of the first non-finite training loss, kept on the device (-1: none yet)
+        self._first_bad_step: torch.Tensor | None = None
 
     # --- the contract -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor):
@@ -77,6 +80,8 @@ class Autoencoder(L.LightningModule):
     ) -> torch.Tensor:
         x, _ = batch  # (B, C, H, W) float in [0, 1], converted on the device by the DataModule
         terms = self.terms(x)
+        if stage == "train":
+            self._check_finite(terms["loss"])
         self._accumulate(stage, terms, x.size(0))
         if stage == "train" and self._trainer is not None:
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -95,6 +100,8 @@ class Autoencoder(L.LightningModule):
         values = torch.stack([v.detach() for v in terms.values()]) * n  # (K,) sums
         if stage in self._epoch_sums:
             sums, count, keys = self._epoch_sums[stage]
+            if sums.device != values.device:  # restored from a checkpoint onto the CPU
+                sums = sums.to(values.device)
             self._epoch_sums[stage] = (sums + values, count + n, keys)
         else:
             self._epoch_sums[stage] = (values, n, tuple(terms))
@@ -113,6 +120,74 @@ class Autoencoder(L.LightningModule):
             {f"{stage}/{k}": means[i] for i, k in enumerate(keys)}, on_step=False, on_epoch=True
         )
 
+    # --- non-finite losses ---------------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss before it reaches the weights (CPU), or within
+        ``log_every_n_steps`` and always before a checkpoint is written (accelerators, where a
+        check every step would cost a host synchronisation)."""
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                self._raise_non_finite(self.global_step, loss)
+            return
+        step = torch.full((), self.global_step, device=loss.device)
+        bad = ~torch.isfinite(loss)
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, device=loss.device)
+        self._first_bad_step = torch.where(
+            bad & (self._first_bad_step < 0), step, self._first_bad_step
+        )
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_flagged()
+
+    def _raise_if_flagged(self) -> None:
+        if self._first_bad_step is not None and (step := int(self._first_bad_step.item())) >= 0:
+            self._raise_non_finite(step, None)
+
+    def _raise_non_finite(self, step: int, loss: torch.Tensor | None) -> None:
+        ckpt = self._trainer.checkpoint_callback if self._trainer is not None else None
+        last_good = (
+            (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", ""))
+            if ckpt
+            else ""
+        )
+        value = f" ({loss.item()})" if loss is not None else ""
+        raise NonFiniteLossError(
+            f"non-finite training loss{value} at epoch {self.current_epoch}, step {step}. "
+            f"Last good checkpoint: {last_good or 'none yet'} (not overwritten). Lower model.lr "
+            f"or check the data; resume from the checkpoint with ckpt_path=<it>."
+        )
+
+    # --- checkpoints: what an exact resume needs beyond the weights ------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_flagged()  # never write weights that saw a non-finite loss
+        checkpoint["vae_lightning"] = {
+            "model_class": type(self).__name__,
+            # the reparameterisation noise continues exactly where it stopped
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "epoch_sums": {
+                stage: {"sums": sums, "count": count, "keys": list(keys)}
+                for stage, (sums, count, keys) in self._epoch_sums.items()
+                if stage == "train"
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("vae_lightning") or {}
+        if "torch_rng" in extra:
+            # applied at the first training batch: the sanity check would consume noise first
+            self._rng_to_restore = extra["torch_rng"]
+            self._cuda_rng_to_restore = extra.get("cuda_rng") or []
+        for stage, acc in (extra.get("epoch_sums") or {}).items():
+            self._epoch_sums[stage] = (acc["sums"], int(acc["count"]), tuple(acc["keys"]))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore.cpu())
+            if self._cuda_rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._cuda_rng_to_restore)
+            self._rng_to_restore = None
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, batch_idx, "train")
 
@@ -123,6 +198,8 @@ class Autoencoder(L.LightningModule):
         self._shared_step(batch, batch_idx, "test")
 
     def on_train_epoch_start(self) -> None:
+        # (not called when Lightning resumes in the middle of an epoch: the sums restored by
+        # on_load_checkpoint then carry on)
         self._epoch_sums.pop("train", None)
 
     def on_validation_epoch_start(self) -> None:
@@ -139,6 +216,11 @@ class Autoencoder(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch, step and the last
+    good checkpoint."""
 
 
 class AE(Autoencoder):

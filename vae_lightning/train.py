@@ -6,10 +6,12 @@ Only wiring: compose objects from the config, fit, test, and record the run fold
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import ConfigError, DataError
@@ -124,6 +127,88 @@ def _set_torch_threads(cfg: DictConfig) -> None:
         log.info("torch threads: %d", torch.get_num_threads())
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place.
+
+    Lightning's own writer opens the target file for writing, so a crash or a full disk halfway
+    through would leave a truncated ``last.ckpt`` in place of the previous good one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def check_checkpoint(path: str | Path, model: Any) -> dict:
+    """Load a checkpoint safely (weights_only) and check it fits ``model``; return it.
+
+    Raises DataError for a truncated or unreadable file and ConfigError when the checkpoint holds
+    another model class or other shapes, naming both.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip/pickle errors of a truncated or foreign file
+        raise DataError(
+            f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Use an earlier one, e.g. the best-*.ckpt."
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise DataError(f"checkpoint {path} has no state_dict: not a Lightning checkpoint")
+    saved_class = (ckpt.get("vae_lightning") or {}).get("model_class")
+    wanted = type(model).__name__
+    if saved_class is not None and saved_class != wanted:
+        raise ConfigError(
+            "ckpt_path", f"{path} holds a {saved_class}, but the configured model is a {wanted}"
+        )
+    own = model.state_dict()
+    for key, tensor in ckpt["state_dict"].items():
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                "ckpt_path",
+                f"{path} does not fit the configured {wanted}: {key} has shape "
+                f"{tuple(tensor.shape)} there and {tuple(own[key].shape)} here (saved "
+                f"hyper-parameters: {dict(ckpt.get('hyper_parameters') or {})})",
+            )
+    missing = sorted(set(own) - set(ckpt["state_dict"]))
+    if missing:
+        raise ConfigError(
+            "ckpt_path", f"{path} lacks {', '.join(missing[:3])} of the configured {wanted}"
+        )
+    return ckpt
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            "paths.output_dir",
+            f"{output_dir} cannot be written ({err.strerror or err}). Choose another folder with "
+            f"hydra.run.dir=... or paths.log_dir=...",
+        ) from None
+
+
+def _resume_command(output_dir: Path) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    return " ".join(["python -m vae_lightning.train", *overrides, f"resume={output_dir}"])
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
@@ -140,7 +225,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from vae_lightning.callbacks import History
+    from vae_lightning.callbacks import History, RunInterrupted, StopOnSignal
 
     _route_lightning_logs_to_hydra()
     output_dir = Path(cfg.paths.output_dir)
@@ -152,7 +237,7 @@ def train(cfg: DictConfig) -> float | None:
     _set_torch_threads(cfg)
     # Lightning 2.6 + torch 2.14 warn on every batch transfer about an internal pytree API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(output_dir)
     record: dict[str, Any] = {"status": "running", "output_dir": str(output_dir)}
     t_start = time.perf_counter()
     history: History | None = None
@@ -167,18 +252,30 @@ def train(cfg: DictConfig) -> float | None:
             if node is not None and "_target_" in node
         ]
         history = History(output_dir / "history.csv")
-        callbacks.append(history)
+        stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
+        callbacks += [history, stop]
         loggers = [
             _instantiate(node, f"logger.{name}")
             for name, node in (cfg.get("logger") or {}).items()
             if node is not None and "_target_" in node
         ]
-        trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-        ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        trainer = _instantiate(
+            cfg.trainer,
+            "trainer",
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+        )
+        ckpt_path = _resolve_ckpt_path(
+            cfg.get("ckpt_path") or ("last" if cfg.get("resume") else None), output_dir
+        )
+        if ckpt_path is not None:
+            check_checkpoint(ckpt_path, model)
+            log.info("resuming from %s", ckpt_path)
         log.info("run folder: %s", output_dir)
 
         t_fit = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record["time/fit_s"] = time.perf_counter() - t_fit
         metrics = _floats(trainer.callback_metrics)
         ckpt_cb = trainer.checkpoint_callback
@@ -216,8 +313,19 @@ def train(cfg: DictConfig) -> float | None:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")}
         log.info("done: %s; run folder: %s", shown or metrics, output_dir)
         return metrics.get(cfg.get("optimized_metric") or "")
+    except RunInterrupted as err:
+        resume = _resume_command(output_dir)
+        record.update(status="interrupted", error=f"RunInterrupted: {err}", resume=resume)
+        raise
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        message = f"{type(err).__name__}: {err}"
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            message = (
+                f"disk full while writing ({err}); earlier checkpoints are intact. Free space, "
+                f"then resume: {_resume_command(output_dir)}"
+            )
+            log.error("%s", message)
+        record.update(status="failed", error=message)
         raise
     finally:
         record["time/total_s"] = time.perf_counter() - t_start
@@ -252,8 +360,17 @@ def _in_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from vae_lightning.callbacks import RunInterrupted
+
     try:
         return train(cfg)
+    except RunInterrupted as err:
+        message = (
+            f"interrupted: {err}. Resume with:\n  {_resume_command(Path(cfg.paths.output_dir))}"
+        )
+        log.error("%s", message)
+        sys.stderr.write(message + "\n")  # also where a user error's line goes
+        raise SystemExit(128 + err.signum) from None
     except (ConfigError, DataError) as err:
         if _in_multirun():  # one job's bad value must not stop the others
             log.error("job failed (recorded in its metrics.json): %s", err)
