@@ -42,6 +42,10 @@ def _job_dirname(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("job_dirname", _job_dirname, replace=True)
+# ${first_set:a,b}: a unless it is null (oc.select returns a null that is set)
+OmegaConf.register_new_resolver(
+    "first_set", lambda *values: next((v for v in values if v is not None), None), replace=True
+)
 
 log = logging.getLogger(__name__)
 
