@@ -14,7 +14,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train sweep report bench test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report evaluate classifiers bench test test-fast lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,13 @@ sweep: data ## latent_dim x beta sweep (20 jobs) and its REPORT.md; ARGS="hydra/
 report: install ## REPORT.md, summary.csv and plots for every run folder below DIR=...
 	@test -n "$(DIR)" || { echo "usage: make report DIR=outputs/<task>/multiruns/<stamp>"; exit 2; }
 	$(BIN)/vae-report $(DIR)
+
+evaluate: data ## metrics and image grids from a checkpoint: CKPT=<run>/checkpoints/last.ckpt [ARGS="k=5000 probes=true"]
+	@test -n "$(CKPT)" || { echo "usage: make evaluate CKPT=<run folder>/checkpoints/<file>.ckpt"; exit 2; }
+	$(BIN)/vae-evaluate ckpt=$(CKPT) $(ARGS)
+
+classifiers: data ## train (or check) the cached FID classifiers under $(DATA_DIR)/classifiers
+	$(BIN)/vae-evaluate classifiers data_dir=$(abspath $(DATA_DIR))
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
 	$(BIN)/vae-bench $(ARGS)

@@ -49,11 +49,16 @@ class History(L.Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, float]] = []
+        self.first_step_unix: float | None = None
         self._t0 = self._t_val = 0.0
         self._train_s = self._val_s = math.nan
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._train_s, self._val_s = time.perf_counter(), math.nan, math.nan
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.first_step_unix is None:  # for the start-up time: process start to first step
+            self.first_step_unix = time.time()
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

@@ -1,16 +1,32 @@
-"""Measurements on a trained model: embeddings, latent probes, active units.
+"""Measurements on a trained model: embeddings, latent probes, active units, the
+importance-weighted NLL, and the Fréchet distance in a dataset classifier's feature space.
 
-Pure functions of tensors and arrays, shared by the callbacks and the evaluator.
+Functions of tensors and arrays, shared by the callbacks and the evaluator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from vae_lightning.data import to_unit_float
+from vae_lightning.losses import recon_bce
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -121,3 +137,340 @@ class LatentMoments:
 def active_units(mu_variance: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent dimensions whose Cov_x(E_q[z|x]) exceeds ``threshold`` (Burda et al.: 0.01)."""
     return int((mu_variance > threshold).sum().item())
+
+
+# --- importance-weighted log-likelihood ----------------------------------------------------------
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def iwae_bound(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    k: int = 1000,
+    chunk: int = 100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Importance-weighted estimate of -log p(x) per image, in nats: (B, C, H, W) -> (B,).
+
+    The bound of Burda, Grosse & Salakhutdinov, Importance Weighted Autoencoders (arXiv 2015,
+    ICLR 2016), with k samples z_i ~ q(z|x), w_i = p(x|z_i) p(z_i) / q(z_i|x) and
+    -log p(x) <= -log (1/k) sum_i w_i, computed with log-sum-exp. It is an upper bound on
+    -log p(x) in expectation, decreases as k grows and reaches -log p(x) as k -> infinity;
+    k = 1 is the single-sample negative ELBO (``recon + kl`` of the training loss at beta = 1) in
+    expectation.
+
+    For VAEs only (``model.variational``): ``model.encode(x) -> (mu, logvar)``, ``model.decoder(z)
+    -> logits`` of a Bernoulli likelihood (``-recon_bce``), prior N(0, I). On grey-level images
+    the Bernoulli "likelihood" is not a normalised density; it is one on binarized images.
+
+    Cost: k decoder passes per image (k / chunk batched passes of chunk * B rows), plus one
+    encoder pass; memory holds chunk * B decoded images at a time.
+    """
+    if not getattr(model, "variational", False):
+        raise TypeError(f"iwae_bound needs a VAE; {type(model).__name__} is not variational")
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        mu, logvar = model.encode(x)  # (B, D) each
+        std = torch.exp(0.5 * logvar)
+        b = x.size(0)
+        # log-sum-exp of each chunk's log-weights, merged at the end: the result does not depend
+        # on the chunk size, only memory does.
+        partial: list[torch.Tensor] = []
+        for start in range(0, k, chunk):
+            m = min(chunk, k - start)
+            eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + std * eps  # (m, B, D)
+            logits = model.decoder(z.reshape(m * b, -1))  # (m*B, C, H, W)
+            target = x.unsqueeze(0).expand(m, *x.shape).reshape(m * b, *x.shape[1:])
+            log_px_z = -recon_bce(logits, target).view(m, b)  # (m, B)
+            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)  # (m, B), N(0, I)
+            # (z - mu) / std = eps exactly, so log q uses eps rather than a division by std
+            log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)  # (m, B)
+            partial.append(torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))  # (B,)
+        log_px = torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)  # (B,)
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+    return -log_px
+
+
+# --- a dataset classifier and the Frechet distance in its feature space --------------------------
+
+# Bump when FeatureClassifier or its training changes: cached weights of another version are
+# retrained rather than silently reused.
+CLASSIFIER_VERSION = 1
+
+
+class FeatureClassifier(nn.Module):
+    """A small CNN for 28x28 grey images; ``features(x)`` is its penultimate layer (B, 128).
+
+    Conv 32 -> pool -> Conv 64 -> pool -> Linear 128 (BatchNorm, ReLU), dropout, Linear to the
+    classes: about 4 M multiply-adds per image. Trained for the default 4 epochs on 2 CPU cores it
+    took 2 minutes on MNIST (99.4 % test accuracy) and 3 on Fashion-MNIST (91.6 %). Input: float
+    images in [0, 1], (B, 1, 28, 28).
+    """
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 128, in_channels: int = 1) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, feature_dim),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (B, num_classes) logits
+
+
+def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
+    return to_unit_float(images) if images.dtype == torch.uint8 else images.float()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_feature_classifier(
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    epochs: int = 4,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_steps: int | None = None,
+    device: str | torch.device | None = None,
+    num_classes: int = 10,
+    max_shift: int = 2,
+) -> FeatureClassifier:
+    """Train a FeatureClassifier on uint8 (or [0, 1] float) images (N, 1, 28, 28).
+
+    AdamW with a one-cycle learning-rate schedule and random translations of up to
+    ``max_shift`` pixels; seeded (initialisation, order, dropout) without touching the global
+    RNG. ``max_steps`` stops early (tests). Returns the classifier in eval mode, on ``device``.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    n = len(train_images)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    if max_steps is not None:
+        total = min(total, max_steps)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = FeatureClassifier(num_classes=num_classes).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1))
+        g = torch.Generator().manual_seed(seed)
+        model.train()
+        step = 0
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            for i in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                x = _as_unit_float(train_images[idx].to(device))  # (b, 1, 28, 28)
+                if max_shift > 0:
+                    x = _random_shift(x, max_shift, g)
+                y = train_labels[idx].to(device)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+    return model.eval()
+
+
+def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero fill): (B, C, H, W) -> same."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)  # (B, C, H + 2s, W + 2s)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=g).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
+    """Top-1 accuracy of ``classifier`` on uint8 or [0, 1] float images."""
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    correct = 0
+    try:
+        for i in range(0, len(images), batch_size):
+            x = _as_unit_float(images[i : i + batch_size].to(device))
+            pred = classifier(x).argmax(1).cpu()
+            correct += int((pred == labels[i : i + batch_size]).sum())
+    finally:
+        classifier.train(was_training)
+    return correct / len(images)
+
+
+def _fingerprint(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_or_train_classifier(
+    dataset_name: str,
+    data_dir: Path,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    epochs: int = 4,
+    seed: int = 0,
+    max_steps: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[FeatureClassifier, float]:
+    """The dataset's FeatureClassifier and its test accuracy, trained once and cached.
+
+    Cached under ``<data_dir>/classifiers/<dataset_name>.pt`` (weights and a record, loaded with
+    ``weights_only=True``) with a readable copy of the record in ``<dataset_name>.json``. The
+    cache is used only when its record matches this request (classifier version, epochs,
+    max_steps, seed and a fingerprint of the images and labels); otherwise the classifier is
+    retrained and the files replaced atomically. A file lock keeps parallel evaluations from
+    training it twice.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    folder = Path(data_dir) / "classifiers"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, record_path = folder / f"{dataset_name}.pt", folder / f"{dataset_name}.json"
+    wanted = {
+        "dataset": dataset_name,
+        "version": CLASSIFIER_VERSION,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "seed": seed,
+        "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
+    }
+    with _locked(folder / f".{dataset_name}.lock"):
+        if weights.is_file():
+            try:
+                saved = torch.load(weights, map_location=device, weights_only=True)
+                record = saved["record"]
+                if all(record.get(key) == value for key, value in wanted.items()):
+                    model = FeatureClassifier(num_classes=int(record["num_classes"]))
+                    model.load_state_dict(saved["state_dict"])
+                    log.info(
+                        "classifier: %s (test accuracy %.4f)", weights, record["test_accuracy"]
+                    )
+                    return model.to(device).eval(), float(record["test_accuracy"])
+                log.info("classifier: %s was trained differently; retraining", weights)
+            except Exception as err:  # unreadable or of another layout: retrain over it
+                log.warning("classifier: cannot use %s (%s); retraining", weights, err)
+        t0 = time.perf_counter()
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        model = train_feature_classifier(
+            train_images,
+            train_labels,
+            epochs=epochs,
+            seed=seed,
+            max_steps=max_steps,
+            device=device,
+            num_classes=num_classes,
+        )
+        seconds = time.perf_counter() - t0
+        accuracy = classifier_accuracy(model, test_images, test_labels)
+        record = {
+            **wanted,
+            "num_classes": num_classes,
+            "test_accuracy": accuracy,
+            "n_train": len(train_images),
+            "n_test": len(test_images),
+            "train_seconds": seconds,
+            "device": str(device),
+        }
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        _atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
+        _atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+        log.info(
+            "classifier: trained in %.1f s, test accuracy %.4f -> %s", seconds, accuracy, weights
+        )
+        return model, accuracy
+
+
+class ClassifierFeatures(nn.Module):
+    """A FeatureClassifier's ``features`` as a torchmetrics feature extractor.
+
+    Takes uint8 images in [0, 255] or float images in [0, 1], (B, 1, 28, 28); returns float64
+    features (B, num_features), so that torchmetrics keeps its result in float64. Always in eval
+    mode (BatchNorm's running statistics, no dropout).
+    """
+
+    def __init__(self, classifier: FeatureClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.feature_dim  # read by FrechetInceptionDistance
+
+    def train(self, mode: bool = True) -> ClassifierFeatures:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(_as_unit_float(x)).double()
+
+
+@torch.no_grad()
+def frechet_distance(
+    real_images: torch.Tensor,
+    fake_images: torch.Tensor,
+    classifier: FeatureClassifier,
+    batch_size: int = 1000,
+) -> float:
+    """Fréchet distance between two image sets in ``classifier``'s feature space.
+
+    torchmetrics' FrechetInceptionDistance with ``ClassifierFeatures`` as its feature extractor
+    (Gaussians fitted to the features of each set). Images: uint8 in [0, 255] or float in
+    [0, 1], (N, 1, 28, 28), on any device; computed on the classifier's device.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    device = next(classifier.parameters()).device
+    fid = FrechetInceptionDistance(feature=ClassifierFeatures(classifier)).to(device)
+    for images, real in ((real_images, True), (fake_images, False)):
+        for i in range(0, len(images), batch_size):
+            fid.update(images[i : i + batch_size].to(device), real=real)
+    return float(fid.compute())

@@ -336,6 +336,7 @@ def train(cfg: DictConfig) -> float | None:
         if history is not None:
             record["time/epoch_s_median"] = history.median_epoch_s()
             record["time/epoch_s"] = history.epoch_times
+            record["time/first_step_unix"] = history.first_step_unix
         record = {
             k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
         }
