@@ -273,7 +273,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
 
     import torch
 
-    from vae_lightning.train import AtomicCheckpointIO
+    from vae_lightning.callbacks import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

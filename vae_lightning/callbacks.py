@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import statistics
 import threading
@@ -27,6 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -109,6 +111,24 @@ class History(L.Callback):
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place.
+
+    Lightning's own writer opens the target file for writing, so a crash or a full disk halfway
+    through would leave a truncated ``last.ckpt`` in place of the previous good one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class RunInterrupted(BaseException):

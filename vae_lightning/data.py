@@ -133,9 +133,10 @@ class InMemoryBatches:
             return None
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
+            order = torch.randperm(n, generator=g)  # on the CPU: the same order on any device
         else:
             order = torch.arange(n)
+        order = order.to(self.images.device)
         if self.world_size > 1:
             if self.even and n % self.world_size:
                 pad = self.world_size - n % self.world_size
@@ -182,6 +183,7 @@ class IDXDataModule(L.LightningDataModule):
         verify: check the md5 of the raw files against the official ones.
         num_workers: must be 0 (accepted for familiarity; batches are sliced from memory).
         image_shape: (C, H, W) of the images; the model configs read it as ``${data.image_shape}``.
+        on_device: keep the splits on the accelerator (GPU) and slice batches there.
     """
 
     dataset_name: str = ""
@@ -199,6 +201,7 @@ class IDXDataModule(L.LightningDataModule):
         verify: bool = True,
         num_workers: int = 0,
         image_shape: Sequence[int] = (1, 28, 28),
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1)
@@ -219,6 +222,7 @@ class IDXDataModule(L.LightningDataModule):
         self.val_size, self.val_on_test = val_size, val_on_test
         self.binarize, self.seed = binarize, seed
         self.download, self.verify = download, verify
+        self.on_device = bool(on_device)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._train_loader: InMemoryBatches | None = None
 
@@ -267,6 +271,12 @@ class IDXDataModule(L.LightningDataModule):
             self.setup()
         x, y = self.splits[split]
         trainer = self.trainer
+        if self.on_device and trainer is not None and trainer.strategy.root_device.type != "cpu":
+            # the whole split lives on the accelerator (MNIST: 47 MB as uint8): batches are
+            # sliced there and the per-step host-to-device copy disappears
+            device = trainer.strategy.root_device
+            x, y = x.to(device), y.to(device)
+            self.splits[split] = (x, y)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return InMemoryBatches(
             x,

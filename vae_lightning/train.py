@@ -19,7 +19,6 @@ from typing import Any
 
 import hydra
 from hydra.experimental.callback import Callback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import ConfigError, DataError
@@ -131,24 +130,6 @@ def _set_torch_threads(cfg: DictConfig) -> None:
         log.info("torch threads: %d", torch.get_num_threads())
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed into place.
-
-    Lightning's own writer opens the target file for writing, so a crash or a full disk halfway
-    through would leave a truncated ``last.ckpt`` in place of the previous good one.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
 def check_checkpoint(path: str | Path, model: Any) -> dict:
     """Load a checkpoint safely (weights_only) and check it fits ``model``; return it.
 
@@ -229,7 +210,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from vae_lightning.callbacks import History, RunInterrupted, StopOnSignal
+    from vae_lightning.callbacks import AtomicCheckpointIO, History, RunInterrupted, StopOnSignal
 
     _route_lightning_logs_to_hydra()
     output_dir = Path(cfg.paths.output_dir)
