@@ -395,11 +395,16 @@ def test_checkpoint_class_from_record_and_weights(vae_run, ae_run):
     ae = torch.load(ae_run / "checkpoints" / "last.ckpt", weights_only=True)
     path = Path("x.ckpt")
     assert checkpoint_class(vae, path) == "VAE" and checkpoint_class(ae, path) == "AE"
-    assert checkpoint_class({**vae, "model_class": "VAE"}, path) == "VAE"
+    assert vae["vae_lightning"]["model_class"] == "VAE"  # recorded by the model itself
+
+    def recorded(name):
+        return {**vae, "vae_lightning": {**vae["vae_lightning"], "model_class": name}}
+
+    assert checkpoint_class(recorded("VAE"), path) == "VAE"
     with pytest.raises(ConfigError, match="records model_class=AE but holds the weights of a VAE"):
-        checkpoint_class({**vae, "model_class": "AE"}, path)
+        checkpoint_class(recorded("AE"), path)
     with pytest.raises(ConfigError, match="evaluate takes only vae_lightning's"):
-        checkpoint_class({**vae, "model_class": "os.system"}, path)
+        checkpoint_class(recorded("os.system"), path)
     with pytest.raises(ConfigError, match="weights of none of vae_lightning's models"):
         checkpoint_class({"state_dict": {"fc.weight": torch.zeros(1)}}, path)
 
