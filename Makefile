@@ -14,7 +14,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train sweep report evaluate classifiers bench test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick bench test test-fast lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,12 @@ evaluate: data ## metrics and image grids from a checkpoint: CKPT=<run>/checkpoi
 
 classifiers: data ## train (or check) the cached FID classifiers under $(DATA_DIR)/classifiers
 	$(BIN)/vae-evaluate classifiers data_dir=$(abspath $(DATA_DIR))
+
+reproduce: data ## both seeds at full length, evaluated, into outputs/reproduce/REPORT.md (hours on a CPU)
+	$(BIN)/python -m vae_lightning.reproduce --data-dir $(abspath $(DATA_DIR)) $(ARGS)
+
+reproduce-quick: data ## the same pipeline with 2 epochs per model, into outputs/reproduce_quick/
+	$(BIN)/python -m vae_lightning.reproduce --quick --data-dir $(abspath $(DATA_DIR)) $(ARGS)
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
 	$(BIN)/vae-bench $(ARGS)

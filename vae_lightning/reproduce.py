@@ -1,0 +1,399 @@
+"""Reproduce both seed studies with one command: ``make reproduce`` (``--quick``: 2 epochs each).
+
+Trains seed 1's VAE and AE (MNIST, 20 epochs) and seed 2's ConvVAE (Fashion-MNIST, 100 epochs,
+latent 32, and latent 16 for its probe), evaluates each best checkpoint (evaluate.py), and
+writes ``<out>/REPORT.md`` with the seeds' claims beside the measured numbers, the loss curves
+and each model's pictures. The seeds' numbers are quoted as the seeds state them; none is
+copied into a measured column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vae_lightning.train import CONFIG_DIR, REPO_ROOT, train
+
+log = logging.getLogger(__name__)
+
+# name -> (experiment, extra overrides, epochs at full length)
+RUNS: dict[str, tuple[str, list[str], int]] = {
+    "seed1_vae": ("seed1_vae_mnist", [], 20),
+    "seed1_ae": ("seed1_ae_mnist", [], 20),
+    "seed2_convvae_z32": ("seed2_convvae_fashion", ["model.latent_dim=32"], 100),
+    "seed2_convvae_z16": ("seed2_convvae_fashion", ["model.latent_dim=16"], 100),
+    "binarized_vae": ("vae_binarized_mnist", [], 20),
+}
+
+# What the seeds state (seeds/000_…: seed 1; seeds/003_…: seed 2), quoted, not measured.
+SEED1_EPOCHS = {
+    1: (163.2, 147.8),
+    5: (142.5, 139.2),
+    10: (136.8, 134.1),
+    15: (133.4, 131.7),
+    20: (131.2, 129.9),
+}
+SEED1_COMPARISON = {
+    "VAE": {"test loss": 129.9, "mse": 0.0423},
+    "AE": {"test loss": 0.0891, "mse": 0.0398},
+}
+SEED2 = {
+    "first_epoch_loss": 308.0,
+    "final_loss": 236.0,
+    "rf_acc_z16": 0.8401,
+    "confusion_sum": 9123,
+}
+SEED2_CONFUSION_DIAGONAL = (841, 927, 794, 843, 838, 684, 850, 893, 812, 913)
+
+
+def compose_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_all(
+    out: Path,
+    data_dir: Path,
+    quick: bool,
+    extra: list[str],
+    eval_kwargs: dict[str, Any],
+    names: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every run (skipping those already finished in ``out``)."""
+    from vae_lightning.evaluate import evaluate
+
+    results = {}
+    for name in names or list(RUNS):
+        experiment, overrides, epochs = RUNS[name]
+        folder = out / name
+        epochs = 2 if quick else epochs
+        record_path = folder / "metrics.json"
+        done = record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok"
+        if not done:
+            log.info("reproduce: training %s (%d epochs) in %s", name, epochs, folder)
+            cfg = compose_cfg(
+                [
+                    f"experiment={experiment}",
+                    *overrides,
+                    f"trainer.max_epochs={epochs}",
+                    f"paths.data_dir={data_dir}",
+                    f"paths.output_dir={folder}",
+                    *extra,
+                ]
+            )
+            train(cfg)
+        record = json.loads(record_path.read_text())
+        ckpt = Path(record.get("best_checkpoint") or folder / "checkpoints" / "last.ckpt")
+        log.info("reproduce: evaluating %s", ckpt)
+        results[name] = {
+            "record": record,
+            "eval": evaluate(ckpt, data_dir=data_dir, **eval_kwargs),
+            "history": _history(folder / "history.csv"),
+            "folder": folder,
+        }
+    return results
+
+
+def _history(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _pct(value: Any) -> str:
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def _curves(results: dict[str, dict[str, Any]], out: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, names, title in (
+        (axes[0], ["seed1_vae", "seed1_ae"], "seed 1 (MNIST)"),
+        (axes[1], ["seed2_convvae_z32", "seed2_convvae_z16"], "seed 2 (Fashion-MNIST)"),
+    ):
+        for name in names:
+            if name not in results:
+                continue
+            rows = results[name]["history"]
+            epochs = [int(r["epoch"]) + 1 for r in rows]
+            ax.plot(epochs, [r["train/loss"] for r in rows], label=f"{name} train", ls="--")
+            ax.plot(epochs, [r["val/loss"] for r in rows], label=f"{name} test")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (nats per image)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _copy_images(results: dict[str, dict[str, Any]], out: Path) -> dict[str, list[str]]:
+    """The last image grids of each run, copied next to REPORT.md."""
+    pictures: dict[str, list[str]] = {}
+    for name, r in results.items():
+        images = r["folder"] / "images"
+        chosen = []
+        for kind in ("reconstructions", "samples", "interpolations"):
+            files = sorted(images.glob(f"images_{kind}*.png"))
+            if files:
+                target = out / "figures" / f"{name}_{kind}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(files[-1], target)
+                chosen.append(f"figures/{target.name}")
+        pictures[name] = chosen
+    return pictures
+
+
+def write_report(results: dict[str, dict[str, Any]], out: Path, quick: bool) -> Path:
+    lines = ["# Reproducing the two seed studies", ""]
+    if quick:
+        lines += [
+            "**Quick run (`make reproduce-quick`): 2 epochs per model, a smaller IWAE k and FID",
+            "sample; the numbers are not comparable with the seeds'.**",
+            "",
+        ]
+    lines += [
+        "Losses are nats per image on the test set (BCE summed over 784 pixels + KL summed over",
+        "latent dimensions, averaged over images), as in the seeds. As in the seeds, the official",
+        "test set is evaluated after every epoch (`val_on_test`). Seed values are quoted from the",
+        "seed documents; measured values come from this run's `metrics.json`, `history.csv` and",
+        "`eval.json`.",
+        "",
+    ]
+    differences = []
+
+    # --- seed 1: per-epoch table
+    if "seed1_vae" in results:
+        rows = {int(r["epoch"]) + 1: r for r in results["seed1_vae"]["history"]}
+        lines += [
+            "## Seed 1: MLP VAE on MNIST, per epoch",
+            "",
+            "| epoch | seed train | seed test | measured train | measured test |",
+            "|---|---|---|---|---|",
+        ]
+        for epoch, (s_train, s_test) in SEED1_EPOCHS.items():
+            r = rows.get(epoch)
+            lines.append(
+                _row(epoch, s_train, s_test, _f(r and r["train/loss"]), _f(r and r["val/loss"]))
+            )
+        lines.append("")
+        last = max(rows) if rows else None
+        if last and last >= 20:
+            gap = SEED1_EPOCHS[20][1] - rows[20]["val/loss"]
+            differences.append(
+                f"Seed 1's VAE reaches a test loss of {_f(rows[20]['val/loss'])} after 20 epochs, "
+                f"{_f(gap)} nats below the seed's 129.9; the seed's curve flattens far above what "
+                f"the same model reaches here (and in pytorch/examples: 105.6 after 10 epochs)."
+            )
+
+    # --- seed 1: like-for-like comparison
+    if "seed1_vae" in results and "seed1_ae" in results:
+        lines += [
+            "## Seed 1: VAE against AE, like for like",
+            "",
+            _row(
+                "model",
+                "test loss",
+                "recon",
+                "KL",
+                "MSE per pixel",
+                "FID",
+                "seed's test loss",
+                "seed's MSE",
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, label in (("seed1_vae", "VAE"), ("seed1_ae", "AE")):
+            m = results[name]["eval"]["metrics"]
+            seed = SEED1_COMPARISON[label]
+            lines.append(
+                _row(
+                    label,
+                    _f(m.get("test/loss")),
+                    _f(m.get("test/recon")),
+                    _f(m.get("test/kl")),
+                    _f(m.get("test/mse"), 4),
+                    _f(m.get("gen/fid")),
+                    seed["test loss"],
+                    seed["mse"],
+                )
+            )
+        vae_m, ae_m = (
+            results["seed1_vae"]["eval"]["metrics"],
+            results["seed1_ae"]["eval"]["metrics"],
+        )
+        lines += [
+            "",
+            "The seed's column mixes scales: 129.9 is a VAE loss in nats per image, 0.0891 looks",
+            "like a per-pixel error; here both models are measured with the same definitions.",
+            "The AE's loss is its reconstruction term alone (no KL).",
+            "",
+        ]
+        differences.append(
+            f"The AE reconstructs better than the VAE (recon {_f(ae_m.get('test/recon'))} against "
+            f"{_f(vae_m.get('test/recon'))} nats; MSE {_f(ae_m.get('test/mse'), 4)} against "
+            f"{_f(vae_m.get('test/mse'), 4)}), as the seed says; its samples from a Gaussian "
+            f"fitted "
+            f"to its codes give FID {_f(ae_m.get('gen/fid'))} against the VAE's "
+            f"{_f(vae_m.get('gen/fid'))}."
+        )
+        k_iw = results["seed1_vae"]["eval"].get("nll_iw", {}).get("k")
+        if "test/nll_iw" in vae_m:
+            lines += [
+                f"Seed 1's VAE: importance-weighted bound `test/nll_iw` = "
+                f"{_f(vae_m['test/nll_iw'])} nats (k = {k_iw}), on grey-level images (the "
+                f"training objective's scale, not a true likelihood).",
+                "",
+            ]
+
+    # --- seed 2
+    s2 = [n for n in ("seed2_convvae_z32", "seed2_convvae_z16") if n in results]
+    if s2:
+        lines += [
+            "## Seed 2: ConvVAE on Fashion-MNIST",
+            "",
+            "| run | loss after epoch 1 | final loss | RF probe accuracy | confusion matrix sum |",
+            "|---|---|---|---|---|",
+        ]
+        lines.append(
+            _row(
+                "seed (latent 16 for the probe)",
+                f"≈ {SEED2['first_epoch_loss']:.0f}",
+                f"≈ {SEED2['final_loss']:.0f}",
+                _pct(SEED2["rf_acc_z16"]),
+                SEED2["confusion_sum"],
+            )
+        )
+        for name in s2:
+            rows = results[name]["history"]
+            record = results[name]["record"]
+            probe = record.get("probe") or {}
+            confusion = probe.get("confusion_rf")
+            total = sum(map(sum, confusion)) if confusion else None
+            lines.append(
+                f"| {name} | {_f(rows[0]['val/loss'])} | {_f(rows[-1]['val/loss'])} "
+                f"| {_pct(record.get('metrics', {}).get('probe/rf_acc'))} "
+                f"| {total if total is not None else '—'} |"
+            )
+        lines.append("")
+        for name in s2:
+            confusion = (results[name]["record"].get("probe") or {}).get("confusion_rf")
+            if confusion:
+                classes = results[name]["record"]["probe"].get("classes") or [
+                    str(i) for i in range(10)
+                ]
+                lines += [
+                    f"Confusion matrix of the RandomForest on {name} (rows: true class):",
+                    "",
+                    "| true \\ pred | " + " | ".join(classes) + " | total |",
+                    "|---" * (len(classes) + 2) + "|",
+                ]
+                for c, row in zip(classes, confusion, strict=True):
+                    lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |")
+                lines.append("")
+        z16 = (
+            results.get("seed2_convvae_z16", {})
+            .get("record", {})
+            .get("metrics", {})
+            .get("probe/rf_acc")
+        )
+        if z16 is not None:
+            seed_diag = sum(SEED2_CONFUSION_DIAGONAL) / SEED2["confusion_sum"]
+            differences.append(
+                f"The RandomForest on the latent-16 means reaches {_pct(z16)} against the seed's "
+                f"84.01 %; the seed's confusion matrix sums to 9,123 images, not the 10,000 of the "
+                f"test set, and its diagonal gives {seed_diag:.2%}, "
+                f"not 84.01 %; ours sums to the test-set size."
+            )
+
+    # --- binarized MNIST: a true log-likelihood
+    if "binarized_vae" in results:
+        m = results["binarized_vae"]["eval"]["metrics"]
+        k_bin = results["binarized_vae"]["eval"].get("nll_iw", {}).get("k")
+        lines += [
+            "## Seed 1's VAE on dynamically binarized MNIST",
+            "",
+            f"Test negative log-likelihood (importance-weighted bound, k = {k_bin}): "
+            f"**{_f(m.get('test/nll_iw'))} nats** (ELBO loss {_f(m.get('test/loss'))}). The IWAE "
+            "paper reports 86.76 nats for its one-layer VAE; the architectures and training "
+            "lengths differ (theirs: 2 stochastic-free hidden layers of 200 tanh units, 50 latent "
+            "dimensions, 3280 passes), so the numbers are of the same kind, not the same model.",
+            "",
+        ]
+
+    # --- figures
+    lines += ["## Figures", "", "![loss curves](loss_curves.png)", ""]
+    for name, files in _copy_images(results, out).items():
+        if files:
+            lines += [f"**{name}**: " + " ".join(f"![{Path(f).stem}]({f})" for f in files), ""]
+
+    lines += ["## Where we differ from the seeds, and why", ""]
+    lines += [f"- {d}" for d in differences] or ["- (nothing measured yet)"]
+    lines += [
+        "- The seeds' numbers are not reproduced by construction: this report measures the same",
+        "  setups and puts the seeds' figures beside the measurements.",
+        "",
+    ]
+    _curves(results, out)
+    path = out / "REPORT.md"
+    tmp = path.with_suffix(".md.part")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vae-reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 epochs per model, small k and FID")
+    parser.add_argument("--out", default=None, help="default outputs/reproduce[_quick]")
+    parser.add_argument("--data-dir", default=str(REPO_ROOT / "data"))
+    parser.add_argument("--k", type=int, default=None, help="IWAE samples (default 1000; quick 50)")
+    parser.add_argument(
+        "--n-fid", type=int, default=None, help="FID samples (default 10000; quick 2000)"
+    )
+    parser.add_argument("--classifier-max-steps", type=int, default=None)
+    parser.add_argument("--runs", default=None, help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(
+        args.out or REPO_ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    eval_kwargs: dict[str, Any] = {
+        "k": args.k or (50 if args.quick else 1000),
+        "n_fid": args.n_fid if args.n_fid is not None else (2000 if args.quick else 10_000),
+        "classifier_max_steps": args.classifier_max_steps,
+    }
+    names = args.runs.split(",") if args.runs else None
+    results = run_all(out, Path(args.data_dir), args.quick, args.overrides, eval_kwargs, names)
+    log.info("reproduce: report written: %s", write_report(results, out, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
