@@ -21,7 +21,7 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     report = (out / "REPORT.md").read_text()
     # seed 1's per-epoch table: the seed's numbers beside measured ones for epoch 1 only (2 epochs)
     row1 = next(line for line in report.splitlines() if line.startswith("| 1 | 163.2 | 147.8 |"))
-    measured = row1.split("|")[3:5]
+    measured = row1.split("|")[4:6]
     assert all(re.fullmatch(r" \d+\.\d\d ", cell) for cell in measured), row1
     assert "| 20 | 131.2 | 129.9 | — | — |" in report  # not trained that far
     # like-for-like comparison rows for both models, with the seed's mixed-scale column beside

@@ -326,7 +326,7 @@ def write_report(results: dict[str, dict[str, Any]], out: Path, quick: bool) -> 
             differences.append(
                 f"The RandomForest on the latent-16 means reaches {_pct(z16)} against the seed's "
                 f"84.01 %; the seed's confusion matrix sums to 9,123 images, not the 10,000 of the "
-                f"test set, and its diagonal gives {seed_diag:.2%}, "
+                f"test set, and its diagonal gives {_pct(seed_diag)}, "
                 f"not 84.01 %; ours sums to the test-set size."
             )
 

@@ -185,6 +185,21 @@ def _check_writable(output_dir: Path) -> None:
         ) from None
 
 
+def _save_config_outside_hydra(cfg: DictConfig, output_dir: Path) -> None:
+    """Called through the compose API (tests, reproduce.py), train() writes the run's
+    .hydra/config.yaml itself, as @hydra.main does, so that the run folder is complete."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return
+    path = output_dir / ".hydra" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    OmegaConf.save(
+        OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True)), path
+    )
+
+
 def _resume_command(output_dir: Path) -> str:
     from hydra.core.hydra_config import HydraConfig
 
@@ -223,6 +238,7 @@ def train(cfg: DictConfig) -> float | None:
     # Lightning 2.6 + torch 2.14 warn on every batch transfer about an internal pytree API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     _check_writable(output_dir)
+    _save_config_outside_hydra(cfg, output_dir)
     record: dict[str, Any] = {"status": "running", "output_dir": str(output_dir)}
     t_start = time.perf_counter()
     history: History | None = None
