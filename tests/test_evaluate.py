@@ -302,7 +302,7 @@ def _tiny_run(tmp_path_factory, data_dir: Path, name: str, *overrides: str) -> P
             ],
         )
     train(cfg)
-    (out / ".hydra").mkdir()
+    (out / ".hydra").mkdir(exist_ok=True)  # train() wrote a resolved one; Hydra writes this
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # unresolved, as Hydra writes it
     return out
 

@@ -6,15 +6,12 @@ Functions of tensors and arrays, shared by the callbacks and the evaluator.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from torch import nn
 
 from vae_lightning.data import to_unit_float
 from vae_lightning.losses import recon_bce
+from vae_lightning.sources import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -335,16 +333,6 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
@@ -387,7 +375,7 @@ def load_or_train_classifier(
         "seed": seed,
         "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
     }
-    with _locked(folder / f".{dataset_name}.lock"):
+    with file_lock(folder / f".{dataset_name}.lock"):
         if weights.is_file():
             try:
                 saved = torch.load(weights, map_location=device, weights_only=True)

@@ -143,7 +143,8 @@ def verify_present(spec: DatasetSpec, data_dir: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created), held for the block: processes take turns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -326,7 +327,7 @@ def ensure_dataset(
     if unknown:
         raise DataError(f"unknown data source(s) {unknown}; allowed: {', '.join(SOURCES)}")
     data_dir = Path(data_dir).expanduser().resolve()
-    with _locked(data_dir / f".{spec.folder}.lock"):
+    with file_lock(data_dir / f".{spec.folder}.lock"):
         missing = missing_files(spec, data_dir)
         if not missing:
             if verify:
