@@ -340,7 +340,7 @@ def write_report(results: dict[str, dict[str, Any]], out: Path, quick: bool) -> 
             f"Test negative log-likelihood (importance-weighted bound, k = {k_bin}): "
             f"**{_f(m.get('test/nll_iw'))} nats** (ELBO loss {_f(m.get('test/loss'))}). The IWAE "
             "paper reports 86.76 nats for its one-layer VAE; the architectures and training "
-            "lengths differ (theirs: 2 stochastic-free hidden layers of 200 tanh units, 50 latent "
+            "lengths differ (theirs: 2 deterministic hidden layers of 200 tanh units, 50 latent "
             "dimensions, 3280 passes), so the numbers are of the same kind, not the same model.",
             "",
         ]
