@@ -92,3 +92,13 @@ def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 300) -> subprocess
         text=True,
         timeout=timeout,
     )
+
+
+def start_together(*args: str, n: int = 2) -> None:
+    """Start ``n`` identical CLI processes at once and check they all succeed."""
+    cmd = [sys.executable, "-m", "vae_lightning.train", *args]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(n)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]

@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_together
 from vae_lightning.models import VAE
 
 SMALL = [
@@ -131,23 +131,7 @@ def test_missing_data_says_what_was_tried_and_what_to_run(tmp_path):
 
 
 def test_runs_started_together_get_their_own_folders(data_dir, tmp_path):
-    import subprocess
-    import sys
-
-    args = [
-        sys.executable,
-        "-m",
-        "vae_lightning.train",
-        "debug=fast",
-        f"paths.data_dir={data_dir}",
-        f"paths.log_dir={tmp_path}",
-        *SMALL,
-    ]
-    procs = [
-        subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in "ab"
-    ]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    start_together("debug=fast", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}", *SMALL)
     runs = sorted(Path(tmp_path, "debug", "runs").iterdir())
     assert len(runs) == 2
     for run in runs:

@@ -53,40 +53,18 @@ def test_composing_and_importing_does_not_pay_for_what_a_run_does_not_use():
     assert out.stdout.split() == ["[]", "[]"]
 
 
-@needs_cuda
-def test_dataset_resident_on_the_gpu(compose_cfg):
-    cfg = compose_cfg(
-        "debug=limit", "callbacks=minimal", "trainer.accelerator=gpu", "data.on_device=true"
-    )
-    train(cfg)
-    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert record["status"] == "ok"
-
-
-@needs_cuda
-def test_bf16_mixed_precision(compose_cfg):
-    cfg = compose_cfg(
-        "debug=limit",
-        "callbacks=minimal",
-        "trainer.accelerator=gpu",
-        "trainer.precision=bf16-mixed",
-    )
+@pytest.mark.parametrize(
+    "option",
+    [
+        pytest.param("data.on_device=true", marks=needs_cuda, id="dataset-on-gpu"),
+        pytest.param("trainer.precision=bf16-mixed", marks=needs_cuda, id="bf16-mixed"),
+        pytest.param("model.compile=true", marks=needs_cuda, id="compile"),
+        pytest.param("data.on_device=true trainer.accelerator=cpu", id="on-device-no-op-on-cpu"),
+    ],
+)
+def test_speed_options_train_and_test(compose_cfg, option):
+    accelerator = [] if "accelerator" in option else ["trainer.accelerator=gpu"]
+    cfg = compose_cfg("debug=limit", "callbacks=minimal", *accelerator, *option.split())
     train(cfg)
     record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["test/loss"] > 0
-
-
-@needs_cuda
-def test_compiled_model(compose_cfg):
-    cfg = compose_cfg(
-        "debug=limit", "callbacks=minimal", "trainer.accelerator=gpu", "model.compile=true"
-    )
-    train(cfg)
-    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert record["status"] == "ok"
-
-
-def test_on_device_is_a_no_op_on_the_cpu(compose_cfg):
-    cfg = compose_cfg("debug=limit", "callbacks=minimal", "data.on_device=true")
-    train(cfg)
-    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["status"] == "ok"

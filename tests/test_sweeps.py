@@ -1,13 +1,11 @@
 """Sweeps: multiruns through each launcher, failing jobs, resume, DDP, folder uniqueness."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_together
 
 SMALL = [
     "data.verify=false",
@@ -89,22 +87,10 @@ def test_a_resumed_sweep_reruns_only_unfinished_jobs(data_dir, tmp_path):
 
 
 def test_two_sweeps_started_together_get_their_own_folders(data_dir, tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "vae_lightning.train",
-        "-m",
-        "debug=fast",
-        "model.latent_dim=2,3",
-        f"paths.data_dir={data_dir}",
-        f"paths.log_dir={tmp_path}",
-        *SMALL,
-    ]
-    procs = [
-        subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in "ab"
-    ]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    start_together(
+        "-m", "debug=fast", "model.latent_dim=2,3", f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path}", *SMALL,
+    )  # fmt: skip
     sweeps = sorted((tmp_path / "debug" / "multiruns").iterdir())
     assert len(sweeps) == 2
     assert all(len(job_records(s)) == 2 for s in sweeps)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import signal
 import statistics
 import threading
@@ -35,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from vae_lightning.data import to_unit_float
 from vae_lightning.errors import ConfigError, check_choice, check_int
 from vae_lightning.evaluation import LatentMoments, active_units, embed_images, fit_probes
+from vae_lightning.files import atomic_write
 from vae_lightning.losses import gaussian_kl
 
 ON_UNSUPPORTED = ("skip", "error")
@@ -104,13 +104,14 @@ class History(L.Callback):
         columns: list[str] = []
         for row in self.rows:
             columns += [k for k in row if k not in columns]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.part")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -121,14 +122,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write = super().save_checkpoint
+        atomic_write(path, lambda tmp: write(checkpoint, tmp, storage_options))
 
 
 class RunInterrupted(BaseException):

@@ -21,7 +21,6 @@ minutes on 2 CPU cores, the bulk of an evaluation; it grows linearly with k.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.files import atomic_write_json
 
 if TYPE_CHECKING:
     from vae_lightning.data import IDXDataModule
@@ -417,12 +417,6 @@ def _probes(
     return {f"probe/{key}_acc": value for key, value in res.accuracy.items()}, record
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
 def evaluate(
     ckpt: Path | str,
     k: int = 1000,
@@ -580,7 +574,7 @@ def evaluate(
     seconds["total"] = time.perf_counter() - t_start
     result["metrics"] = dict(sorted(metrics.items()))
     result["time"] = {f"{key}_s": value for key, value in seconds.items()}
-    _write_json(run_dir / "eval.json", result)
+    atomic_write_json(run_dir / "eval.json", result)
     log.info("wrote %s", run_dir / "eval.json")
     return result
 

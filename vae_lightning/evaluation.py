@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_lightning.data import to_unit_float
+from vae_lightning.files import atomic_write, file_lock
 from vae_lightning.losses import recon_bce
-from vae_lightning.sources import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -333,15 +332,6 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_or_train_classifier(
     dataset_name: str,
     data_dir: Path,
@@ -413,8 +403,8 @@ def load_or_train_classifier(
             "device": str(device),
         }
         state = {k: v.cpu() for k, v in model.state_dict().items()}
-        _atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
-        _atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+        atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
+        atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
         log.info(
             "classifier: trained in %.1f s, test accuracy %.4f -> %s", seconds, accuracy, weights
         )

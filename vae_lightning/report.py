@@ -36,6 +36,8 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 
+from vae_lightning.files import atomic_write, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
@@ -269,30 +271,22 @@ def _md_cell(text: str, limit: int | None = None) -> str:
     return text.replace("|", "\\|")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A reader (or a crash) never sees half a file: write beside it, then rename over it.
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, newline="")
-    tmp.replace(path)
-
-
 def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+    atomic_write(path, write)
 
 
 # --- plots --------------------------------------------------------------------------------------
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return path
 
 
@@ -551,7 +545,7 @@ def write_report(root: Path, out_dir: Path | None = None) -> Path:
         lines += [f"- [{p.name}]({p.name}): {_plot_note(p.name)}" for p in plots]
 
     report = out / "REPORT.md"
-    _write_atomic(report, "\n".join(lines) + "\n")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vae_lightning.files import atomic_write_text
 from vae_lightning.train import CONFIG_DIR, REPO_ROOT, train
 
 log = logging.getLogger(__name__)
@@ -360,9 +361,7 @@ def write_report(results: dict[str, dict[str, Any]], out: Path, quick: bool) -> 
     ]
     _curves(results, out)
     path = out / "REPORT.md"
-    tmp = path.with_suffix(".md.part")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import io
@@ -33,13 +31,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vae_lightning.errors import DataError
+from vae_lightning.files import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +141,6 @@ def verify_present(spec: DatasetSpec, data_dir: str | Path) -> None:
         verify_file(raw / name, md5)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` (created), held for the block: processes take turns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _install(files: dict[str, bytes], spec: DatasetSpec, data_dir: str | Path) -> None:
     """Verify every file's bytes, then write each atomically (temp file + rename) in place."""
     for name, data in files.items():
@@ -161,19 +148,8 @@ def _install(files: dict[str, bytes], spec: DatasetSpec, data_dir: str | Path) -
         if actual != spec.md5[name]:
             raise DataError(f"{name} from this source has md5 {actual}, expected {spec.md5[name]}")
     raw = spec.raw_dir(data_dir)
-    raw.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are for everyone to read
-            os.replace(tmp, raw / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(raw / name, lambda tmp, data=data: tmp.write_bytes(data), fsync=True)
 
 
 def _maybe_gunzip(data: bytes) -> bytes:

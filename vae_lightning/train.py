@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.files import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -209,12 +210,6 @@ def _resume_command(output_dir: Path) -> str:
     return " ".join(["python -m vae_lightning.train", *overrides, f"resume={output_dir}"])
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items()) if "/" in k and not k.endswith("_step")}
 
@@ -337,7 +332,7 @@ def train(cfg: DictConfig) -> float | None:
         record = {
             k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
         }
-        rank_zero_only(_write_json)(output_dir / "metrics.json", record)
+        rank_zero_only(atomic_write_json)(output_dir / "metrics.json", record)
 
 
 class SweepReport(Callback):
