@@ -81,6 +81,7 @@ def test_checkpoint_reloads_and_reproduces_the_test_loss(cli_run, data_dir):
 
     out, _ = cli_run
     record = json.loads((out / "metrics.json").read_text())
+    assert record["tested"] == record["best_checkpoint"]  # a held-out validation split here
     model = VAE.load_from_checkpoint(record["best_checkpoint"], weights_only=True)
     assert model.hparams.latent_dim == 4
     dm = MNISTDataModule(data_dir=str(data_dir), verify=False, val_size=128, batch_size=64)

@@ -1,5 +1,6 @@
 """`make reproduce-quick`'s pipeline end to end on small synthetic data."""
 
+import json
 import re
 
 import pytest
@@ -39,7 +40,30 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     assert len(list((out / "figures").glob("*.png"))) == 15  # 3 pictures x 5 models
     assert re.search(r"Test negative log-likelihood .*: \*\*\d+\.\d\d nats\*\*", report)
     assert "## Where we differ from the seeds, and why" in report
-    # a second call reuses the finished runs (no retraining) and rewrites the report
-    before = (out / "seed1_vae" / "metrics.json").stat().st_mtime_ns
+    assert "Seed 2 expects latent 32 to probe as well as latent 16 or better: measured" in report
+    # the final weights are tested and evaluated: with val_on_test the "best" checkpoint was
+    # chosen on the test set
+    for name in ("seed1_vae", "seed1_ae", "seed2_convvae_z32", "seed2_convvae_z16"):
+        record = json.loads((out / name / "metrics.json").read_text())
+        assert record["tested"] == "final weights", name
+        evaluation = json.loads((out / name / "eval.json").read_text())
+        assert evaluation["checkpoint"] == str((out / name / "checkpoints" / "last.ckpt").resolve())
+        assert re.search(rf"^\| {name} \| 2 \| \d+ \| \d+\.\d \| \d+ \| ", report, re.M), name
+    # a second call reuses the finished runs and evaluations and rewrites the report
+    stamps = {
+        f: f.stat().st_mtime_ns
+        for name in ("seed1_vae", "seed2_convvae_z16")
+        for f in (out / name / "metrics.json", out / name / "eval.json")
+    }
+    (out / "REPORT.md").unlink()
     assert main(args) == 0
-    assert (out / "seed1_vae" / "metrics.json").stat().st_mtime_ns == before
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    assert (out / "REPORT.md").read_text() == report
+    # ... unless the evaluation asked for differs: a new k evaluates the VAEs again
+    k_at = args.index("--k") + 1
+    assert main([*args[:k_at], "3", *args[k_at + 1 :]]) == 0
+    evaluation = json.loads((out / "seed1_vae" / "eval.json").read_text())
+    assert evaluation["nll_iw"]["k"] == 3
+    assert (out / "seed1_vae" / "metrics.json").stat().st_mtime_ns == stamps[
+        out / "seed1_vae" / "metrics.json"
+    ]

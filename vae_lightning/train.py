@@ -291,17 +291,22 @@ def train(cfg: DictConfig) -> float | None:
                 else:
                     extras[key] = value
 
+        tested = None
         if cfg.get("test"):
             # The best checkpoint when there is one; under fast_dev_run (no checkpoints) the
-            # current weights.
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            # current weights. With val_on_test the "best" one was chosen on the test set itself,
+            # so its test figures would be biased: the final weights are tested instead.
+            tested = None if getattr(datamodule, "val_on_test", False) else best or None
+            trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
             metrics.update(_floats(trainer.callback_metrics))
+            tested = tested or "final weights"
         record.update(
             extras,
             status="ok",
             metrics=metrics,
             epochs=len(history.rows),
             best_checkpoint=best or None,
+            tested=tested,
         )
         for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
             # The hparams view with the real final metrics (Lightning's own call logs -1).
