@@ -67,3 +67,24 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     assert (out / "seed1_vae" / "metrics.json").stat().st_mtime_ns == stamps[
         out / "seed1_vae" / "metrics.json"
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--runs", "seed1_vae,seed3_gan"], "unknown run(s) seed3_gan"),
+        (["--runs", ","], "(none given)"),
+        (["--k", "0"], "--k must be at least 1"),
+        (["--n-fid", "-1"], "--n-fid must be >= 0"),
+    ],
+)
+def test_reproduce_refuses_bad_arguments_before_writing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "--runs" in args:
+        assert "seed1_vae, seed1_ae" in err  # names the valid choices
+    assert not out.exists()  # nothing created for a refused command

@@ -498,17 +498,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=None, help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training run")
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
+    unknown = sorted(set(names or []) - set(RUNS))
+    if unknown or names == []:
+        parser.error(
+            f"--runs: unknown run(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose among {', '.join(RUNS)}"
+        )
+    if args.k is not None and args.k < 1:
+        parser.error(f"--k must be at least 1 (the report quotes the IWAE bound), got {args.k}")
+    if args.n_fid is not None and args.n_fid < 0:
+        parser.error(f"--n-fid must be >= 0 (0 skips FID), got {args.n_fid}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(
         args.out or REPO_ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")
     )
     out.mkdir(parents=True, exist_ok=True)
     eval_kwargs: dict[str, Any] = {
-        "k": args.k or (50 if args.quick else 1000),
+        "k": args.k if args.k is not None else (50 if args.quick else 1000),
         "n_fid": args.n_fid if args.n_fid is not None else (2000 if args.quick else 10_000),
         "classifier_max_steps": args.classifier_max_steps,
     }
-    names = args.runs.split(",") if args.runs else None
     results = run_all(out, Path(args.data_dir), args.quick, args.overrides, eval_kwargs, names)
     log.info("reproduce: report written: %s", write_report(results, out, args.quick))
     return 0
