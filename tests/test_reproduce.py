@@ -41,6 +41,11 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     assert re.search(r"Test negative log-likelihood .*: \*\*\d+\.\d\d nats\*\*", report)
     assert "## Where we differ from the seeds, and why" in report
     assert "Seed 2 expects latent 32 to probe as well as latent 16 or better: measured" in report
+    active = [
+        json.loads((out / name / "eval.json").read_text())["metrics"]["test/active_units"]
+        for name in ("seed2_convvae_z32", "seed2_convvae_z16")
+    ]
+    assert f"> 0.01): {active[0]:.0f} of 32 and {active[1]:.0f} of 16" in report
     # the final weights are tested and evaluated: with val_on_test the "best" checkpoint was
     # chosen on the test set
     for name in ("seed1_vae", "seed1_ae", "seed2_convvae_z32", "seed2_convvae_z16"):
