@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from vae_lightning.config import REPO_ROOT, compose
 from vae_lightning.sources import DATASETS, idx_bytes
-from vae_lightning.train import CONFIG_DIR, REPO_ROOT
 
 N_TRAIN, N_TEST = 640, 256
 
@@ -75,8 +74,7 @@ def compose_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
 
     def _compose(*overrides: str, small: bool = True) -> DictConfig:
         extra = small_overrides(data_dir, tmp_path / "run") if small else []
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=[*extra, *overrides])
+        return compose([*extra, *overrides])
 
     return _compose
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vae_lightning.callbacks import Interpolations, Reconstructions
 from vae_lightning.errors import ConfigError
-from vae_lightning.evaluation import LatentMoments, active_units, fit_probes
+from vae_lightning.metrics import LatentMoments, active_units, fit_probes
 from vae_lightning.train import train
 
 IMAGE_TAGS = {

@@ -18,7 +18,7 @@ from tests.conftest import synthetic_images
 from vae_lightning import evaluation
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.evaluate import checkpoint_class, evaluate, load_model, main, parse_args
-from vae_lightning.evaluation import (
+from vae_lightning.metrics import (
     ClassifierFeatures,
     FeatureClassifier,
     classifier_accuracy,

@@ -1,6 +1,5 @@
 """Lightning callbacks: what a researcher looks at while a VAE trains.
 
-- ``History``: the run folder's ``history.csv`` and epoch timings (train.py always attaches it).
 - ``Reconstructions``, ``Samples``, ``Interpolations``, ``Traversals``: image grids, to
   TensorBoard and as PNG under the run's ``images/``, every ``every_n_epochs`` and at the end.
 - ``LatentProbe``: seed 2's RandomForest, a logistic regression and a kNN on the embeddings.
@@ -14,11 +13,6 @@ its contract at ``setup`` with a message naming the callback.
 
 from __future__ import annotations
 
-import csv
-import math
-import signal
-import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,159 +21,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from vae_lightning.data import to_unit_float
 from vae_lightning.errors import ConfigError, check_choice, check_int
-from vae_lightning.evaluation import LatentMoments, active_units, embed_images, fit_probes
-from vae_lightning.files import atomic_write
 from vae_lightning.losses import gaussian_kl
+from vae_lightning.metrics import LatentMoments, active_units, embed_images, fit_probes
 
 ON_UNSUPPORTED = ("skip", "error")
-
-
-class History(L.Callback):
-    """Per-epoch metrics (every epoch-level value in ``trainer.callback_metrics``) and timings.
-
-    ``time/epoch_s`` is the wall time of the training batches of an epoch (validation excluded),
-    ``time/val_s`` that of its validation. Written to ``path`` after every epoch, so a killed run
-    keeps the epochs it finished.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.rows: list[dict[str, float]] = []
-        self.first_step_unix: float | None = None
-        self._t0 = self._t_val = 0.0
-        self._train_s = self._val_s = math.nan
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0, self._train_s, self._val_s = time.perf_counter(), math.nan, math.nan
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.first_step_unix is None:  # for the start-up time: process start to first step
-            self.first_step_unix = time.time()
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        self._t_val = time.perf_counter()
-        if math.isnan(self._train_s):
-            self._train_s = self._t_val - self._t0
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self._val_s = time.perf_counter() - self._t_val
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if math.isnan(self._train_s):  # no validation this epoch
-            self._train_s = time.perf_counter() - self._t0
-        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        for key, value in sorted(trainer.callback_metrics.items()):
-            if "/" in key and not key.endswith("_step"):  # epoch-level stage/name metrics
-                row[key] = float(value)
-        row["time/epoch_s"] = self._train_s
-        row["time/val_s"] = self._val_s
-        self.rows.append(row)
-        self._write()
-
-    # rows travel in checkpoints, so a resumed run's history.csv keeps the earlier epochs
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = [dict(row) for row in state_dict.get("rows", [])]
-
-    @property
-    def epoch_times(self) -> list[float]:
-        return [r["time/epoch_s"] for r in self.rows]
-
-    def median_epoch_s(self) -> float:
-        return statistics.median(self.epoch_times) if self.rows else math.nan
-
-    @rank_zero_only
-    def _write(self) -> None:
-        columns: list[str] = []
-        for row in self.rows:
-            columns += [k for k in row if k not in columns]
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
-
-        atomic_write(self.path, write)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed into place.
-
-    Lightning's own writer opens the target file for writing, so a crash or a full disk halfway
-    through would leave a truncated ``last.ckpt`` in place of the previous good one.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        write = super().save_checkpoint
-        atomic_write(path, lambda tmp: write(checkpoint, tmp, storage_options))
-
-
-class RunInterrupted(BaseException):
-    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint.
-
-    A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
-    recording the job as failed and starting the next one.
-    """
-
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
-        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at epoch {epoch}, step {step}; checkpoint saved: {checkpoint}")
-
-
-class StopOnSignal(L.Callback):
-    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during fit: finish the current step,
-    save a resumable checkpoint to ``path`` and stop with ``RunInterrupted``.
-
-    Replaces Python's KeyboardInterrupt, which could strike in the middle of an optimizer step,
-    and Lightning's own SIGTERM handling, which stops without saving. The checkpoint holds the
-    loop position, the loader's position in the epoch and the RNG state, so a resumed run
-    continues exactly (see VAE.on_save_checkpoint and InMemoryBatches.state_dict).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.received is None:
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)
-        raise RunInterrupted(self.received, self.path, trainer.current_epoch, trainer.global_step)
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
 
 
 # --- shared machinery of the visual callbacks ---------------------------------------------------

@@ -248,8 +248,8 @@ def mean_terms(
 ) -> tuple[dict[str, float], Any]:
     """Means over the test set of ``model.terms`` (the training definitions), and for a VAE the
     posterior moments (KL per dimension, Var_x of mu) behind the active units."""
-    from vae_lightning.evaluation import LatentMoments
     from vae_lightning.losses import gaussian_kl
+    from vae_lightning.metrics import LatentMoments
 
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
@@ -268,7 +268,7 @@ def nll_iw(
     model: Autoencoder, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator
 ) -> torch.Tensor:
     """``iwae_bound`` over a whole set, a few images at a time -> (N,) nats, on the CPU."""
-    from vae_lightning.evaluation import iwae_bound
+    from vae_lightning.metrics import iwae_bound
 
     device = next(model.parameters()).device
     per_call = max(1, ROWS_PER_PASS // min(chunk, k))
@@ -342,7 +342,7 @@ def _frechet_distances(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """gen/fid (samples vs test images) and gen/fid_train_test (the floor), with the record."""
     from vae_lightning.data import load_split
-    from vae_lightning.evaluation import frechet_distance, load_or_train_classifier
+    from vae_lightning.fid import frechet_distance, load_or_train_classifier
 
     device = next(model.parameters()).device
     # The classifier and the distances see grey images (the raw files), whatever the run's
@@ -394,7 +394,7 @@ def _probes(
     model: Autoencoder, dm: IDXDataModule, batch_size: int, max_train: int | None, seed: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The latent probes (fit_probes) on the embeddings of the train split and the test set."""
-    from vae_lightning.evaluation import embed_images, fit_probes
+    from vae_lightning.metrics import embed_images, fit_probes
 
     (train_x, train_y), (test_x, test_y) = dm.splits["train"], dm.splits["test"]
     if max_train:  # the same seed and length: the same permutation for images and labels
@@ -448,7 +448,7 @@ def evaluate(
         probe_max_train: subsample the probes' training split (seeded); default: all of it.
     """
     from vae_lightning.data import to_unit_float
-    from vae_lightning.evaluation import active_units
+    from vae_lightning.metrics import active_units
 
     t_start = time.perf_counter()
     for key, value, low in (
@@ -592,7 +592,7 @@ def prepare_classifiers(
     Missing raw files are fetched first (``sources.ensure_dataset``; md5-checked when
     ``verify``)."""
     from vae_lightning.data import load_split
-    from vae_lightning.evaluation import load_or_train_classifier
+    from vae_lightning.fid import load_or_train_classifier
     from vae_lightning.sources import ensure_dataset, get_spec
 
     accuracy = {}

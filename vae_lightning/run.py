@@ -1,0 +1,392 @@
+"""The run: its record (``metrics.json``), its history (``history.csv``), where it resumes from,
+and the callbacks that keep it safe (stop on a signal, stop on a non-finite loss, exact resume).
+
+``train.py`` wires these around ``trainer.fit``; none of them touches the maths.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import logging
+import math
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+
+from vae_lightning.errors import ConfigError
+from vae_lightning.files import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+# --- the record ---------------------------------------------------------------------------------
+
+
+class RunRecord:
+    """A run folder's ``metrics.json`` over the run's life, written atomically on rank zero.
+
+    Used as a context manager around the run: ``running`` on entry; on exit ``ok`` (after
+    ``finish``), ``failed`` (with the error) or ``interrupted`` (with the command that resumes
+    it), always with the timings. Holds the status, the final metrics, the key
+    hyper-parameters (``hparams``) and what callbacks contribute (their ``summary()``).
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.json"
+        self.data: dict[str, Any] = {"status": "running", "output_dir": str(self.output_dir)}
+        self.metrics: dict[str, float] = {}
+        self.history: History | None = None
+        self._t0 = time.perf_counter()
+
+    @staticmethod
+    def finished(output_dir: Path) -> dict[str, Any] | None:
+        """The folder's metrics.json when it records a finished run, else None."""
+        try:
+            record = json.loads((Path(output_dir) / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("status") == "ok" else None
+
+    def __enter__(self) -> RunRecord:
+        self._t0 = time.perf_counter()
+        self._write()
+        return self
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: Any) -> bool:
+        if isinstance(err, RunInterrupted):
+            from vae_lightning.config import resume_command
+
+            self.data.update(
+                status="interrupted",
+                error=f"RunInterrupted: {err}",
+                resume=resume_command(self.output_dir),
+            )
+        elif err is not None:
+            self.data.update(status="failed", error=self._describe(err))
+        self.data["time/total_s"] = time.perf_counter() - self._t0
+        if self.history is not None:
+            self.data["time/epoch_s_median"] = self.history.median_epoch_s()
+            self.data["time/epoch_s"] = self.history.epoch_times
+            self.data["time/first_step_unix"] = self.history.first_step_unix
+        self._write()
+        return False
+
+    def _describe(self, err: BaseException) -> str:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            from vae_lightning.config import resume_command
+
+            message = (
+                f"disk full while writing ({err}); earlier checkpoints are intact. Free space, "
+                f"then resume: {resume_command(self.output_dir)}"
+            )
+            log.error("%s", message)
+            return message
+        return f"{type(err).__name__}: {err}"
+
+    def add_metrics(self, metrics: dict[str, Any]) -> None:
+        """Epoch-level ``stage/name`` values (``trainer.callback_metrics``) as floats."""
+        epoch_level = (k for k in sorted(metrics) if "/" in k and not k.endswith("_step"))
+        self.metrics.update({k: float(metrics[k]) for k in epoch_level})
+
+    def add_summaries(self, callbacks: list[L.Callback]) -> None:
+        """What callbacks measured at the end of fit (probe, collapse, their timings)."""
+        for cb in callbacks:
+            summary = dict(cb.summary()) if callable(getattr(cb, "summary", None)) else {}
+            self.metrics.update(summary.pop("metrics", {}))
+            for key, value in summary.items():
+                if isinstance(value, dict) and isinstance(self.data.get(key), dict):
+                    self.data[key].update(value)
+                else:
+                    self.data[key] = value
+
+    def finish(self, **fields: Any) -> None:
+        self.data.update(fields, status="ok", metrics=dict(sorted(self.metrics.items())))
+
+    def metric(self, key: str | None) -> float | None:
+        return self.metrics.get(key or "")
+
+    @rank_zero_only
+    def _write(self) -> None:
+        clean = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.data.items()
+        }
+        atomic_write_json(self.path, clean)
+
+
+def log_hparams(trainer: L.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """TensorBoard's hparams view with the real final metrics (Lightning's own call logs -1)."""
+    for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+        tb.log_hyperparams(hparams, {f"hp/{k}": v for k, v in metrics.items()})
+
+
+# --- where a run starts from --------------------------------------------------------------------
+
+
+def resume_checkpoint(resume: Any, output_dir: Path) -> str | None:
+    """The checkpoint a run starts from, from ``resume``:
+
+    - null or false: none, a fresh run;
+    - ``<run folder>``: that folder's ``checkpoints/last.ckpt`` (the run continues there);
+    - ``<file>.ckpt``: that checkpoint (the run continues in a new folder);
+    - true: this run's own ``last.ckpt`` when there is one, else a fresh start (sweeps).
+    """
+    if resume is None or resume is False or resume == "":
+        return None
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if resume is True:
+        return str(last) if last.is_file() else None
+    path = Path(str(resume))
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError("resume", f"points to {path}, which does not exist")
+        return str(path)
+    last = path / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            "resume",
+            f"points to {path}, which holds no checkpoints/last.ckpt. Give a run folder that "
+            f"saved one, a checkpoint file, or resume=true to continue (or start) this folder.",
+        )
+    return str(last)
+
+
+def run_callbacks(output_dir: Path) -> list[L.Callback]:
+    """The callbacks every run gets, whatever ``callbacks=`` says."""
+    return [
+        History(output_dir / "history.csv"),
+        StopOnSignal(output_dir / "checkpoints" / "last.ckpt"),
+        NonFiniteStop(),
+        ExactResume(),
+    ]
+
+
+# --- history.csv --------------------------------------------------------------------------------
+
+
+class History(L.Callback):
+    """Per-epoch metrics (every epoch-level value in ``trainer.callback_metrics``) and timings.
+
+    ``time/epoch_s`` is the wall time of the training batches of an epoch (validation excluded),
+    ``time/val_s`` that of its validation. Written to ``path`` after every epoch, so a killed run
+    keeps the epochs it finished. The run's one CSV of metrics.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, float]] = []
+        self.first_step_unix: float | None = None
+        self._t0 = self._t_val = 0.0
+        self._train_s = self._val_s = math.nan
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._train_s, self._val_s = time.perf_counter(), math.nan, math.nan
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.first_step_unix is None:  # for the start-up time: process start to first step
+            self.first_step_unix = time.time()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._t_val = time.perf_counter()
+        if math.isnan(self._train_s):
+            self._train_s = self._t_val - self._t0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._val_s = time.perf_counter() - self._t_val
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if math.isnan(self._train_s):  # no validation this epoch
+            self._train_s = time.perf_counter() - self._t0
+        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if "/" in key and not key.endswith("_step"):  # epoch-level stage/name metrics
+                row[key] = float(value)
+        row["time/epoch_s"] = self._train_s
+        row["time/val_s"] = self._val_s
+        self.rows.append(row)
+        self._write()
+
+    # rows travel in checkpoints, so a resumed run's history.csv keeps the earlier epochs
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+
+    @property
+    def epoch_times(self) -> list[float]:
+        return [r["time/epoch_s"] for r in self.rows]
+
+    def median_epoch_s(self) -> float:
+        return statistics.median(self.epoch_times) if self.rows else math.nan
+
+    @rank_zero_only
+    def _write(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write(self.path, write)
+
+
+# --- stopping safely ----------------------------------------------------------------------------
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint.
+
+    A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
+    recording the job as failed and starting the next one.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at epoch {epoch}, step {step}; checkpoint saved: {checkpoint}")
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during fit: finish the current step,
+    save a resumable checkpoint to ``path`` and stop with ``RunInterrupted``.
+
+    Replaces Python's KeyboardInterrupt, which could strike in the middle of an optimizer step,
+    and Lightning's own SIGTERM handling, which stops without saving. The checkpoint holds the
+    loop position, the loader's position in the epoch, the partial epoch means and the RNG
+    state, so a resumed run continues exactly (``ExactResume``, ``InMemoryBatches.state_dict``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.received is None:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        raise RunInterrupted(self.received, self.path, trainer.current_epoch, trainer.global_step)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch, step and the last
+    good checkpoint."""
+
+
+class NonFiniteStop(L.Callback):
+    """Stop on a NaN/inf training loss.
+
+    On a CPU the loss is checked before every backward, so a bad loss never reaches the weights.
+    On an accelerator a check every step would cost a host synchronisation: the first bad step
+    is kept on the device and checked every ``log_every_n_steps`` and before any checkpoint is
+    written, so weights that saw a non-finite loss are never saved.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad_step: torch.Tensor | None = None  # on the device; -1: none yet
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not trainer.training:
+            return
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                self._raise(trainer, trainer.global_step, loss)
+            return
+        step = torch.full((), trainer.global_step, device=loss.device)
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, step, self._first_bad_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._raise_if_flagged(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._raise_if_flagged(trainer)  # never write weights that saw a non-finite loss
+
+    def _raise_if_flagged(self, trainer: L.Trainer) -> None:
+        if self._first_bad_step is not None and (step := int(self._first_bad_step.item())) >= 0:
+            self._raise(trainer, step, None)
+
+    @staticmethod
+    def _raise(trainer: L.Trainer, step: int, loss: torch.Tensor | None) -> None:
+        ckpt = trainer.checkpoint_callback
+        last_good = ckpt and (
+            getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        )
+        value = f" ({loss.item()})" if loss is not None else ""
+        raise NonFiniteLossError(
+            f"non-finite training loss{value} at epoch {trainer.current_epoch}, step {step}. "
+            f"Last good checkpoint: {last_good or 'none yet'} (not overwritten). Lower model.lr "
+            f"or check the data; continue from the checkpoint with resume=<it>."
+        )
+
+
+class ExactResume(L.Callback):
+    """The global RNG state travels in checkpoints, so the reparameterisation noise of a resumed
+    run continues exactly where it stopped. Applied at the first training batch: the sanity
+    check would consume noise first."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        legacy = checkpoint.get("vae_lightning") or {}  # written before this callback existed
+        if "torch_rng" in legacy:
+            self._pending = {"torch_rng": legacy["torch_rng"], "cuda_rng": legacy.get("cuda_rng")}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        torch.set_rng_state(self._pending["torch_rng"].cpu())
+        if self._pending.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._pending["cuda_rng"])
+        self._pending = None

@@ -1,0 +1,164 @@
+"""What a researcher looks at, as plain functions: image grids, figures, and one way to publish
+either (a PNG file and, when given writers, TensorBoard). Used by the callbacks during training
+and by ``vae-evaluate`` on a checkpoint, so both draw the same pictures.
+
+Grids take float images in [0, 1] on the model's device and return a (3, H, W) CPU tensor;
+figures are matplotlib Figures made without pyplot (no global state, no display).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vae_lightning.files import atomic_write
+from vae_lightning.losses import gaussian_kl
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode without gradients for the block; its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> one (3, H', W') image, 2 px white padding."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+
+
+# --- image grids ----------------------------------------------------------------------------------
+
+
+def reconstruction_grid(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Images (top row) above their reconstructions ``decode(embed(x))`` (mu for a VAE: the
+    mean reconstruction)."""
+    with eval_mode(model):
+        x_hat = model.decode(model.embed(x))
+    return grid(torch.cat([x, x_hat]), nrow=len(x))
+
+
+def sample_grid(model: Any, n: int, nrow: int, generator: torch.Generator) -> torch.Tensor:
+    """``model.sample(n)`` from the generator's noise: the same noise gives the same grid."""
+    with eval_mode(model):
+        return grid(model.sample(n, generator=generator), nrow=nrow)
+
+
+def interpolation_grid(model: Any, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """One row per pair (a_i, b_i): a_i, ``steps`` decodings of (1 - t) z_a + t z_b, b_i."""
+    with eval_mode(model):
+        za, zb = model.embed(a), model.embed(b)  # (P, D)
+        t = torch.linspace(0, 1, steps, device=za.device).view(1, -1, 1)  # (1, S, 1)
+        z = (1 - t) * za.unsqueeze(1) + t * zb.unsqueeze(1)  # (P, S, D)
+        decoded = model.decode(z.flatten(0, 1)).view(len(a), steps, *a.shape[1:])
+    rows = torch.cat([a.unsqueeze(1), decoded, b.unsqueeze(1)], dim=1)  # (P, S + 2, C, H, W)
+    return grid(rows.flatten(0, 1), nrow=steps + 2)
+
+
+def traversal_grid(
+    model: Any, x: torch.Tensor, steps: int, span: float, max_dims: int | None = None
+) -> torch.Tensor:
+    """Each latent dimension of a VAE, ordered by its mean KL over ``x`` (largest first), swept
+    over mu_d + [-span, span] around the posterior mean of ``x[0]``; one row per dimension."""
+    with eval_mode(model):
+        mu, logvar = model.encode(x)
+        order = gaussian_kl(mu, logvar).mean(0).argsort(descending=True)  # dims by KL
+        if max_dims is not None:
+            order = order[:max_dims]
+        base = mu[0]  # (D,) the posterior mean of one fixed test image
+        offsets = torch.linspace(-span, span, steps, device=mu.device)
+        z = base.repeat(len(order), steps, 1)  # (K, S, D)
+        for row, d in enumerate(order.tolist()):
+            z[row, :, d] = base[d] + offsets
+        decoded = model.decode(z.flatten(0, 1))
+    return grid(decoded, nrow=steps)
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def latent_scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str) -> Any:
+    """2-D points coloured by class, one legend entry per class."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    for c, name in enumerate(classes):
+        m = labels == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=name, color=f"C{c}")
+    ax.set_title(title)
+    ax.legend(markerscale=4, fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: np.ndarray, classes: Sequence[str], accuracy: float) -> Any:
+    """The RandomForest probe's confusion matrix (rows: true class)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(
+        ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
+    )
+    n = int(confusion.sum())
+    ax.set_title(f"RandomForest on the latent code: accuracy {accuracy:.2%} (n={n})")
+    fig.tight_layout()
+    return fig
+
+
+def kl_bars(kl_per_dim: Sequence[float], mu_variance: Sequence[float], threshold: float) -> Any:
+    """KL per latent dimension, largest first; inactive dimensions (Var_x mu <= threshold) grey."""
+    from matplotlib.figure import Figure
+
+    kl, var = np.asarray(kl_per_dim), np.asarray(mu_variance)
+    order = np.argsort(kl)[::-1]
+    active = var[order] > threshold
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
+    ax.bar(range(len(order)), kl[order], color=np.where(active, "C0", "C7"))
+    ax.set_xticks(range(len(order)), [str(d) for d in order], fontsize=6)
+    ax.set_xlabel("latent dimension (by KL); grey: inactive")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"KL per dimension, {int(active.sum())} of {len(order)} active")
+    fig.tight_layout()
+    return fig
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+
+def publish(
+    image: torch.Tensor | Any,
+    path: str | Path,
+    tag: str | None = None,
+    step: int = 0,
+    writers: Sequence[Any] = (),
+) -> Path:
+    """Write a grid (a (C, H, W) tensor in [0, 1]) or a matplotlib Figure to ``path`` as PNG,
+    and to each TensorBoard ``SummaryWriter`` in ``writers`` under ``tag`` at ``step``."""
+    path = Path(path)
+    if isinstance(image, torch.Tensor):
+        from torchvision.utils import save_image
+
+        atomic_write(path, lambda tmp: save_image(image, tmp, format="png"))
+        for writer in writers:
+            writer.add_image(tag, image, global_step=step)
+    else:
+        atomic_write(path, lambda tmp: image.savefig(tmp, format="png", dpi=100))
+        for writer in writers:
+            writer.add_figure(tag, image, global_step=step, close=False)
+    return path
