@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vae_lightning import views
 from vae_lightning.callbacks import Interpolations, Reconstructions
 from vae_lightning.errors import ConfigError
 from vae_lightning.metrics import LatentMoments, active_units, fit_probes
@@ -37,23 +38,19 @@ def tiny(compose_cfg, *overrides):  # a 2-epoch run of 5 batches with every call
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory, data_dir):
-    from hydra import compose, initialize_config_dir
-
     from tests.conftest import small_overrides
-    from vae_lightning.train import CONFIG_DIR
+    from vae_lightning.config import compose
 
     out = tmp_path_factory.mktemp("vae_run")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *small_overrides(data_dir, out),
-                "debug=limit",
-                "model.latent_dim=4",
-                "callbacks.latent_probe.max_train=300",
-                "callbacks.latent_probe.pixels=true",
-            ],
-        )
+    cfg = compose(
+        [
+            *small_overrides(data_dir, out),
+            "debug=limit",
+            "model.latent_dim=4",
+            "callbacks.latent_probe.max_train=300",
+            "callbacks.latent_probe.pixels=true",
+        ]
+    )
     train(cfg)
     return out
 
@@ -180,3 +177,32 @@ def test_bad_callback_values_name_the_key(key):
     with pytest.raises(ConfigError) as info:
         Reconstructions("unused", **kwargs)
     assert info.value.key == name
+
+
+def test_publish_writes_a_png_and_a_tensorboard_image_and_eval_mode_restores(tmp_path):
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    fig = Figure(figsize=(2, 1), dpi=100)
+    fig.subplots().plot([0, 1], [1, 0])
+    grid = views.grid(torch.rand(6, 1, 28, 28), nrow=3)  # (3, 2 + 2 * 30, 2 + 3 * 30)
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        views.publish(fig, tmp_path / "fig.png", "t/fig", step=3, writers=[writer])
+        views.publish(grid, tmp_path / "grid.png", "t/grid", step=4, writers=[writer])
+    assert Image.open(tmp_path / "fig.png").size == (200, 100)  # figsize x dpi
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png").convert("RGB")))
+    assert torch.equal(png.permute(2, 0, 1), (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8))
+    assert not list(tmp_path.glob(".*.part"))  # nothing half-written left beside them
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    (fig_event,) = acc.Images("t/fig")
+    (grid_event,) = acc.Images("t/grid")
+    assert (fig_event.step, fig_event.width, fig_event.height) == (3, 200, 100)
+    assert (grid_event.step, grid_event.height, grid_event.width) == (4, 62, 92)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    with pytest.raises(RuntimeError, match="inside"), views.eval_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+        raise RuntimeError("inside")
+    assert model.training and model[1].training and torch.is_grad_enabled()

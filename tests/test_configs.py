@@ -9,9 +9,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from vae_lightning.config import CONFIG_DIR
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.models import AE, VAE, ConvVAE
-from vae_lightning.train import CONFIG_DIR, train
+from vae_lightning.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -74,9 +75,38 @@ def test_every_trainer_composes(compose_cfg, option):
 
 
 def test_default_trainer_uses_a_gpu_when_there_is_one(compose_cfg):
-    cfg = compose_cfg(small=False)
-    assert cfg.trainer.accelerator == "auto"
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    assert compose_cfg(small=False).trainer.accelerator == "auto"
+    cfg = compose_cfg("trainer.accelerator=auto")  # the small test settings ask for the CPU
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    wanted = CUDAAccelerator if torch.cuda.is_available() else CPUAccelerator
+    assert isinstance(trainer.accelerator, wanted)
     assert cfg.model._target_.endswith(".VAE") and cfg.data._target_.endswith(".MNISTDataModule")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_one_batch(compose_cfg, experiment):
+    """A fast run of every experiment config through train() (fast_dev_run: one batch each)."""
+    cfg = compose_cfg(f"experiment={experiment}", "debug=fast", "callbacks=minimal")
+    train(cfg)
+    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert record["status"] == "ok"
+    assert record["hparams"]["model"] == cfg.model._target_.rsplit(".", 1)[1]
+    assert math.isfinite(record["metrics"]["test/loss"])
+
+
+def test_the_slurm_launcher_config_composes_on_the_plugins_defaults():
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vae_lightning.config import compose
+
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.timeout_min, launcher.max_num_timeout, launcher.cpus_per_task) == (120, 3, 4)
+    assert launcher.partition == "gpu" and launcher.signal_delay_s == 120  # the plugin's default
 
 
 def test_unknown_model_name_lists_the_options(compose_cfg):

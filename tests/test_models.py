@@ -1,39 +1,95 @@
+"""The models' maths against independent formulas, their purity (the step seam), checkpoints."""
+
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vae_lightning.errors import ConfigError
-from vae_lightning.losses import gaussian_kl, recon_bce
 from vae_lightning.models import AE, VAE, ConvVAE
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 
 
 @pytest.mark.parametrize("model_cls", [VAE, ConvVAE])
-def test_vae_loss_is_recon_plus_beta_kl(model_cls):
+def test_vae_terms_match_independent_formulas(model_cls):
+    """recon = -log Bernoulli(x | logits) summed over pixels, kl = KL(N(mu, sigma) || N(0, 1))
+    summed over dimensions (torch.distributions, not the project's losses), both batch means;
+    loss = recon + beta * kl."""
     torch.manual_seed(0)
     model = model_cls(beta=4.0)
     x = torch.rand(8, 1, 28, 28)
     torch.manual_seed(1)
     terms = model.terms(x)
-    assert torch.allclose(terms["loss"], terms["recon"] + 4.0 * terms["kl"])
-    # the same numbers from the pieces, with the same noise
-    torch.manual_seed(1)
+    torch.manual_seed(1)  # the same reparameterisation noise
     mu, logvar = model.encode(x)
-    z = model.reparameterize(mu, logvar)
-    expected_recon = recon_bce(model.decoder(z), x).mean()
-    assert torch.allclose(terms["recon"], expected_recon)
-    assert torch.allclose(terms["kl"], gaussian_kl(mu, logvar).sum(1).mean())
+    sigma = torch.exp(0.5 * logvar)
+    z = mu + sigma * torch.randn_like(mu)
+    logits = model.decoder(z)
+    recon = -Bernoulli(logits=logits, validate_args=False).log_prob(x).flatten(1).sum(1).mean()
+    kl = kl_divergence(Normal(mu, sigma), Normal(0.0, 1.0)).sum(1).mean()
+    mse = (torch.sigmoid(logits) - x).pow(2).mean()
+    assert terms["recon"].item() == pytest.approx(recon.item(), rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(recon.item() + 4.0 * kl.item(), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5)
     assert set(terms) == {"loss", "recon", "kl", "mse"}
 
 
-def test_embed_is_mu_for_vae_and_code_for_ae():
+def test_ae_terms_are_its_reconstruction_and_its_codes():
     torch.manual_seed(0)
+    ae = AE(latent_dim=3)
     x = torch.rand(5, 1, 28, 28)
+    terms = ae.terms(x)
+    z = ae.encoder(x)
+    likelihood = Bernoulli(logits=ae.decoder(z), validate_args=False)
+    recon = -likelihood.log_prob(x).flatten(1).sum(1).mean()
+    assert terms["loss"].item() == pytest.approx(recon.item(), rel=1e-5)
+    assert torch.equal(terms["loss"], terms["recon"])
+    assert torch.allclose(terms["z"], z)  # for observe(), which fits the sampling Gaussian
+    assert torch.equal(ae.embed(x), z)
     vae = VAE(latent_dim=3)
     assert torch.equal(vae.embed(x), vae.encode(x)[0])
-    ae = AE(latent_dim=3)
-    assert torch.equal(ae.embed(x), ae.encoder(x))
-    assert set(ae.terms(x)) == {"loss", "recon", "mse"}
+
+
+@pytest.mark.parametrize("model_cls", [VAE, AE, ConvVAE])
+def test_terms_is_a_pure_function_of_parameters_and_batch(model_cls):
+    """The step seam: functional_call(model, params, x) computes terms without side effects,
+    and vmap over stacked copies of the parameters gives each copy's terms."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    model = model_cls(latent_dim=4)
+    model.train()
+    x = torch.rand(6, 1, 28, 28)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    torch.manual_seed(3)
+    direct = model.terms(x)
+    torch.manual_seed(3)
+    functional = functional_call(model, params, (x,))
+    for key in ("loss", "recon", "mse"):
+        assert torch.equal(direct[key], functional[key]), key
+    doubled = {k: 2 * v for k, v in params.items()}
+    assert not torch.equal(functional_call(model, doubled, (x,))["recon"], direct["recon"])
+    for key, value in model.state_dict().items():  # no statistics updated inside terms
+        assert torch.equal(value, state_before[key]), key
+
+    other = model_cls(latent_dim=4)
+    stacked, buffers = stack_module_state([model, other])
+
+    def loss(p, b):
+        return functional_call(model, (p, b), (x,))["recon"]
+
+    per_model = vmap(loss, randomness="same")(stacked, buffers)
+    torch.manual_seed(5)
+    expected = [m.terms(x)["recon"] for m in (model, other)]
+    if model_cls is AE:  # deterministic: each copy's recon exactly
+        assert torch.allclose(per_model, torch.stack(expected), rtol=1e-5)
+    assert per_model.shape == (2,)
 
 
 def test_logvar_is_clamped_so_exp_cannot_overflow():
@@ -47,10 +103,10 @@ def test_logvar_is_clamped_so_exp_cannot_overflow():
 def test_ae_samples_from_gaussian_fitted_to_training_codes():
     torch.manual_seed(0)
     ae = AE(latent_dim=2)
-    ae.train()
-    ae.on_train_epoch_start()
     x = torch.rand(512, 1, 28, 28)
-    ae.terms(x)
+    ae.on_train_epoch_start()
+    for batch in x.split(100):  # as the step does, batch by batch
+        ae.observe(ae.terms(batch))
     ae.on_train_epoch_end()
     codes = ae.encoder(x).detach()
     assert torch.allclose(ae.code_mean, codes.mean(0), atol=1e-5)
@@ -63,7 +119,8 @@ def test_samples_are_seeded():
     vae = VAE()
     a = vae.sample(4, generator=torch.Generator().manual_seed(3))
     b = vae.sample(4, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    c = vae.sample(4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +133,7 @@ def test_samples_are_seeded():
         (VAE, {"lr": 0.0}, "lr"),
         (AE, {"hidden_dim": 0}, "hidden_dim"),
         (ConvVAE, {"channels": [32, 64]}, "channels"),
+        (ConvVAE, {"channels": ["a"]}, "channels"),
         (ConvVAE, {"in_shape": [1, 28]}, "in_shape"),
     ],
 )
@@ -84,6 +142,15 @@ def test_bad_values_name_the_key(model_cls, kwargs, key):
         model_cls(**kwargs)
     assert info.value.key == key
     assert str(info.value).startswith(key)
+
+
+def test_hyper_parameters_are_plain_checked_values():
+    from omegaconf import OmegaConf
+
+    model = ConvVAE(channels=OmegaConf.create([4, 4, 4]), in_shape=OmegaConf.create([1, 28, 28]))
+    assert model.hparams.channels == [4, 4, 4] and type(model.hparams.channels) is list
+    assert model.hparams.in_shape == (1, 28, 28)
+    assert "beta" not in AE().hparams  # an AE has no KL term to weigh
 
 
 @pytest.mark.parametrize("model_cls", [VAE, AE, ConvVAE])
@@ -100,3 +167,34 @@ def test_checkpoint_round_trip_without_hydra(model_cls, tmp_path):
     assert loaded.hparams == model.hparams
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded.embed(x), model.embed(x))
+
+
+@pytest.mark.parametrize(("name", "model_cls"), [("vae", VAE), ("ae", AE), ("conv_vae", ConvVAE)])
+def test_checkpoints_written_before_the_redesign_still_load(tmp_path, name, model_cls):
+    """Checkpoints written by 259db03 (train.py before the redesign; tiny models, 3 steps)."""
+    path = tmp_path / f"{name}.ckpt"
+    shutil.copy(FIXTURES / f"{name}.ckpt", path)
+    checkpoint = torch.load(path, weights_only=True)
+    model = model_cls.load_from_checkpoint(path, weights_only=True)
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model.latent_dim == 2
+    assert checkpoint["vae_lightning"]["model_class"] == model_cls.__name__
+
+
+def test_a_run_continues_from_a_checkpoint_written_before_the_redesign(compose_cfg, tmp_path):
+    import json
+
+    from vae_lightning.train import train
+
+    old = tmp_path / "old.ckpt"
+    shutil.copy(FIXTURES / "vae.ckpt", old)
+    cfg = compose_cfg(
+        "callbacks=minimal", "logger=none", "model.hidden_dim=8", "model.latent_dim=2",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=3", f"resume={old}",
+    )  # fmt: skip
+    train(cfg)
+    record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["epochs"] == 2  # epoch 0 from the old history
+    rows = (Path(cfg.paths.output_dir) / "history.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["0", "3"], ["1", "6"]]

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 import torch
@@ -54,7 +55,7 @@ def final_metrics(out: Path) -> dict:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compose_cfg, tmp_path, signum):
-    from vae_lightning.callbacks import RunInterrupted
+    from vae_lightning.run import RunInterrupted
 
     whole = compose_cfg(*RESUME, f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)
@@ -128,7 +129,7 @@ def test_sigterm_to_a_real_training_process_then_resume(data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
-    from vae_lightning.models import NonFiniteLossError
+    from vae_lightning.run import NonFiniteLossError
 
     out = tmp_path / "run"
     first = compose_cfg(*RESUME, "trainer.max_epochs=1", f"paths.output_dir={out}")
@@ -215,9 +216,9 @@ def vae_checkpoint(compose_cfg, tmp_path) -> Path:
 
 
 def test_checkpoint_of_another_class_or_shape_is_refused(vae_checkpoint):
+    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import ConfigError
     from vae_lightning.models import AE, VAE
-    from vae_lightning.train import check_checkpoint
 
     check_checkpoint(vae_checkpoint, VAE(latent_dim=3))  # fits
     with pytest.raises(ConfigError, match=r"holds a VAE, but the configured model is a AE"):
@@ -229,9 +230,9 @@ def test_checkpoint_of_another_class_or_shape_is_refused(vae_checkpoint):
 
 
 def test_truncated_checkpoint_is_named(vae_checkpoint, tmp_path):
+    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import DataError
     from vae_lightning.models import VAE
-    from vae_lightning.train import check_checkpoint
 
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(vae_checkpoint.read_bytes()[:5000])
@@ -242,7 +243,7 @@ def test_truncated_checkpoint_is_named(vae_checkpoint, tmp_path):
 def test_resuming_from_a_foreign_checkpoint_stops_before_training(compose_cfg, vae_checkpoint):
     from vae_lightning.errors import ConfigError
 
-    cfg = compose_cfg("model=ae", "model.latent_dim=3", f"ckpt_path={vae_checkpoint}")
+    cfg = compose_cfg("model=ae", "model.latent_dim=3", f"resume={vae_checkpoint}")
     with pytest.raises(ConfigError, match="holds a VAE, but the configured model is a AE"):
         train(cfg)
 
@@ -251,9 +252,9 @@ def test_checkpoints_load_weights_only_and_refuse_code(tmp_path, vae_checkpoint)
     """A checkpoint that would run code on loading is refused, naming the file."""
     import torch
 
+    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import DataError
     from vae_lightning.models import VAE
-    from vae_lightning.train import check_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -273,7 +274,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
 
     import torch
 
-    from vae_lightning.callbacks import AtomicCheckpointIO
+    from vae_lightning.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -360,7 +361,7 @@ def test_memory_stays_flat_over_many_epochs(compose_cfg, tmp_path):
                 self.mb.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
 
     rss = Rss()
-    import vae_lightning.callbacks as cbs
+    import vae_lightning.run as cbs
 
     cfg = compose_cfg(
         "trainer.max_epochs=40",
@@ -394,7 +395,7 @@ def test_memory_stays_flat_over_many_epochs(compose_cfg, tmp_path):
     assert growth < 25, f"resident memory grew {growth:.1f} MB over 30 epochs: {rss.mb[9::10]}"
 
 
-def test_slurm_runs_get_lightnings_auto_requeue(monkeypatch):
+def test_slurm_runs_of_the_trainer_config_get_auto_requeue(monkeypatch):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     for key, value in {
@@ -408,7 +409,10 @@ def test_slurm_runs_get_lightnings_auto_requeue(monkeypatch):
         "SLURM_NODELIST": "node1",
     }.items():
         monkeypatch.setenv(key, value)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    from vae_lightning.config import compose
+
+    cfg = compose(["trainer.accelerator=cpu", "paths.output_dir=unused"])
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False)  # the project's trainer config
     env = trainer._accelerator_connector.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue
 
@@ -416,9 +420,80 @@ def test_slurm_runs_get_lightnings_auto_requeue(monkeypatch):
 def test_tensorboard_binds_to_localhost():
     import subprocess
 
-    from vae_lightning.train import REPO_ROOT
+    from vae_lightning.config import REPO_ROOT
 
     out = subprocess.run(
         ["make", "-n", "tensorboard"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert "--host 127.0.0.1" in out.stdout
+
+
+def fake_trainer(step: int, log_every: int = 5):
+    from types import SimpleNamespace
+
+    ckpt = SimpleNamespace(last_model_path="/run/checkpoints/last.ckpt", best_model_path="")
+    return SimpleNamespace(
+        training=True, global_step=step, current_epoch=0, log_every_n_steps=log_every,
+        checkpoint_callback=ckpt,
+    )  # fmt: skip
+
+
+def test_non_finite_stop_checks_every_loss_on_the_cpu():
+    from vae_lightning.run import NonFiniteLossError, NonFiniteStop
+
+    stop = NonFiniteStop()
+    stop.on_before_backward(fake_trainer(3), None, torch.tensor(1.0))
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at epoch 0, step 4.*last\.ckpt"):
+        stop.on_before_backward(fake_trainer(4), None, torch.tensor(float("nan")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_non_finite_stop_on_a_gpu_flags_on_the_device_and_raises_at_the_next_check():
+    from vae_lightning.run import NonFiniteLossError, NonFiniteStop
+
+    stop = NonFiniteStop()
+    for step, value in ((5, 1.0), (6, float("inf")), (7, float("nan")), (8, 2.0)):
+        stop.on_before_backward(fake_trainer(step), None, torch.tensor(value, device="cuda"))
+        stop.on_train_batch_end(fake_trainer(step + 1, log_every=10), None, None, None, 0)
+    # no synchronisation yet: checked every log_every_n_steps and before any checkpoint
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 0, step 6\."):
+        stop.on_save_checkpoint(fake_trainer(9), None, {})
+    with pytest.raises(NonFiniteLossError, match=r"step 6\."):
+        stop.on_train_batch_end(fake_trainer(10, log_every=10), None, None, None, 0)
+
+
+def test_resume_from_a_checkpoint_file_continues_in_a_new_folder(compose_cfg, tmp_path):
+    first = compose_cfg(*RESUME, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'a'}")
+    train(first)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = compose_cfg(*RESUME, "trainer.max_epochs=2", f"paths.output_dir={tmp_path / 'b'}",
+                         f"resume={ckpt}")  # fmt: skip
+    train(second)
+    record = final_metrics(tmp_path / "b")
+    assert record["epochs"] == 2  # the first epoch's row came with the checkpoint
+    rows = (tmp_path / "b" / "history.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["0", "16"], ["1", "32"]]
+    assert final_metrics(tmp_path / "a")["epochs"] == 1  # the first run's folder is untouched
+
+
+@pytest.mark.parametrize(
+    ("resume", "message"),
+    [("{tmp}/nothing.ckpt", "resume points to .*nothing.ckpt, which does not exist"),
+     ("{tmp}", "holds no checkpoints/last.ckpt")],
+)  # fmt: skip
+def test_resume_from_nothing_says_so(compose_cfg, tmp_path, resume, message):
+    from vae_lightning.errors import ConfigError
+
+    cfg = compose_cfg("debug=limit", f"resume={resume.format(tmp=tmp_path)}")
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_resume_true_skips_a_finished_run_and_starts_a_new_one(compose_cfg, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_cfg(*RESUME, "trainer.max_epochs=1", f"paths.output_dir={out}", "resume=true")
+    first = train(cfg)  # nothing there yet: a fresh start
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    assert train(cfg) == first  # finished: skipped, its metric returned
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp

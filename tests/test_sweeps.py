@@ -77,7 +77,7 @@ def test_a_resumed_sweep_reruns_only_unfinished_jobs(data_dir, tmp_path):
         p for p in finished if "latent_dim=3" in (p.parent / ".hydra/overrides.yaml").read_text()
     ]
     victim.write_text(json.dumps({"status": "running"}))
-    sweep(data_dir, out, "model.latent_dim=2,3,4", "sweep_resume=true")
+    sweep(data_dir, out, "model.latent_dim=2,3,4", "resume=true")
     for path, mtime in finished.items():
         if path == victim:
             assert json.loads(path.read_text())["status"] == "ok"  # rerun
@@ -118,6 +118,38 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     ] == [4, 8]
     log = (out / "train.log").read_text()
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+
+
+@pytest.mark.slow
+def test_ddp_epoch_means_are_exact_over_uneven_shards(data_dir, tmp_path):
+    """131 validation images on 2 ranks (66 + 65, in batches of 32, 32, 2 and 32, 32, 1): the
+    logged val/loss is the mean over the 131 images, not a mean of the ranks' or batches' means.
+    The AE is deterministic, so the checkpoint's val loss can be recomputed in one process.
+    (With 129 images, rank 0 has 3 batches and rank 1 two, and the logged mean covers only the
+    first two batches of each rank: Lightning's DDP evaluation stops at the shorter shard.)"""
+    import torch
+
+    from vae_lightning.data import MNISTDataModule
+    from vae_lightning.losses import recon_bce
+    from vae_lightning.models import AE
+
+    out = tmp_path / "run"
+    result = run_cli(
+        "trainer=ddp", "trainer.devices=2", "model=ae", "callbacks=minimal", "debug=limit",
+        "data.val_size=131", "data.eval_batch_size=32", "trainer.limit_val_batches=1.0",
+        f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL[:-1],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = json.loads((out / "metrics.json").read_text())["metrics"]["val/loss"]
+    model = AE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    dm = MNISTDataModule(data_dir=str(data_dir), verify=False, val_size=131)
+    dm.setup()
+    x = dm.splits["val"][0].float() / 255
+    with torch.no_grad():
+        per_image = recon_bce(model.decoder(model.encoder(x)), x)  # (131,)
+    assert logged == pytest.approx(per_image.mean().item(), rel=1e-5)
+    per_rank = [per_image[0::2].mean(), per_image[1::2].mean()]  # what a mean of means gives
+    assert abs(sum(per_rank).item() / 2 - per_image.mean().item()) > 1e-6 * logged
 
 
 @pytest.mark.slow

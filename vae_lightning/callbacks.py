@@ -6,7 +6,9 @@
 - ``LatentSpace``: the test set's embeddings in 2-D (and TensorBoard's projector).
 - ``PosteriorCollapse``: KL per latent dimension and active units at each validation end.
 
-Each writes to the folder it is given (never ``trainer.log_dir``, which is None under
+The pictures and measurements themselves are in ``views.py`` and ``metrics.py`` (shared with
+``vae-evaluate``); this module only decides when to make them and where they go. Each callback
+writes to the folder it is given (never ``trainer.log_dir``, which is None under
 ``fast_dev_run``), does its work on global rank zero only, skips the sanity check, and checks
 its contract at ``setup`` with a message naming the callback.
 """
@@ -18,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
+from vae_lightning import views
 from vae_lightning.data import to_unit_float
 from vae_lightning.errors import ConfigError, check_choice, check_int
 from vae_lightning.losses import gaussian_kl
@@ -31,32 +34,115 @@ from vae_lightning.metrics import LatentMoments, active_units, embed_images, fit
 ON_UNSUPPORTED = ("skip", "error")
 
 
-# --- shared machinery of the visual callbacks ---------------------------------------------------
+def _writers(trainer: L.Trainer) -> list[Any]:
+    """The SummaryWriter of each TensorBoard logger (none under fast_dev_run's DummyLogger)."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
-    # fast_dev_run swaps the loggers for a DummyLogger: then there is no TensorBoard to write to
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+# --- the contract and the schedule, shared by every callback here -------------------------------
 
 
-def _figure_to_array(fig) -> np.ndarray:
-    """Render a matplotlib Figure (made without pyplot) to an (H, W, 3) uint8 array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+class _ModelCallback(L.Callback):
+    """Writes under ``output_dir``; checks at ``setup`` what it needs of the model and data.
 
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-class _Visual(L.Callback):
-    """Runs ``_make`` every ``every_n_epochs`` (after the epoch's validation) and at fit end.
-
-    Subclasses return ``{tag: image}`` from ``_make``; an image is a (C, H, W) float tensor in
-    [0, 1] or a matplotlib Figure. Each is logged to TensorBoard under ``tag`` and written as
-    ``<output_dir>/<tag with / as _>_epoch<NNN>.png``.
+    ``needs_methods``: model methods it calls; ``needs_data``: the framework's DataModule (its
+    ``splits``, test included); ``needs_variational``: a VAE, else ``on_unsupported`` decides
+    between refusing (``error``) and switching itself off (``skip``, ``enabled`` False).
     """
 
+    needs_methods: tuple[str, ...] = ()
+    needs_data = True
     needs_variational = False
+
+    def __init__(self, output_dir: str | Path, on_unsupported: str = "error") -> None:
+        self.output_dir = Path(output_dir)
+        self.on_unsupported = check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
+        self.enabled = True
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def _refuse(self, message: str) -> None:
+        raise ConfigError(f"callbacks.{self.name}", message)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if self.needs_data and (dm is None or "test" not in getattr(dm, "splits", {})):
+            self._refuse("needs the framework's MNIST/Fashion-MNIST DataModule (its test split)")
+        model = type(pl_module).__name__
+        for method in self.needs_methods:
+            if not callable(getattr(pl_module, method, None)):
+                self._refuse(f"needs a model with {method}(); {model} has none")
+        if self.needs_variational and not getattr(pl_module, "variational", False):
+            message = (
+                f"needs a VAE (a posterior with mu and log-variance); {model} is deterministic"
+            )
+            if self.on_unsupported == "error":
+                self._refuse(message)
+            if self.enabled:  # setup runs again for `test`: say it once
+                rank_zero_info(f"{self.name}: skipped, {message}")
+            self.enabled = False
+
+    def _publish(self, trainer: L.Trainer, tag: str, image: Any, epochs_done: int) -> Path:
+        # named by the number of epochs trained: images_reconstructions_epoch002.png
+        path = self.output_dir / f"{tag.replace('/', '_')}_epoch{epochs_done:03d}.png"
+        return views.publish(image, path, tag, trainer.global_step, _writers(trainer))
+
+
+class _Periodic(_ModelCallback):
+    """Runs ``_run`` when ``_due`` (subclasses pick the hook) and at the end of fit, unless it
+    has just run at the same step. ``_run`` returns metrics to log at the end ({} for none)."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        every_n_epochs: int | None,
+        seed: int,
+        on_unsupported: str = "error",
+    ) -> None:
+        super().__init__(output_dir, on_unsupported)
+        if every_n_epochs is not None:
+            check_int("every_n_epochs", every_n_epochs, 1)
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self._done_at_step: int | None = None
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        n = self.every_n_epochs
+        return (
+            not trainer.sanity_checking and n is not None and (trainer.current_epoch + 1) % n == 0
+        )
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._done_at_step == trainer.global_step:  # just done at the last epoch
+            return
+        metrics = self._run(trainer, pl_module, epochs_done=trainer.current_epoch, final=True)
+        if metrics and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+
+    def _run(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int, final: bool
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# --- pictures -----------------------------------------------------------------------------------
+
+
+class _Visual(_Periodic):
+    """Publishes ``_make``'s ``{tag: image}`` after the training epochs that are due and at the
+    end of fit. An image is a (C, H, W) grid in [0, 1] or a matplotlib Figure; it goes to
+    TensorBoard under ``tag`` and to ``<output_dir>/<tag with / as _>_epoch<NNN>.png``.
+    """
+
+    needs_methods = ("embed", "decode", "sample")
 
     def __init__(
         self,
@@ -65,81 +151,33 @@ class _Visual(L.Callback):
         seed: int = 0,
         on_unsupported: str = "error",
     ) -> None:
-        if every_n_epochs is not None:
-            check_int("every_n_epochs", every_n_epochs, 1)
-        self.output_dir = Path(output_dir)
-        self.every_n_epochs = every_n_epochs
-        self.seed = seed
-        self.on_unsupported = check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
-        self.enabled = True
-        self._done_at_step: int | None = None
+        super().__init__(output_dir, every_n_epochs, seed, on_unsupported)
         self._final = False
         self.written: list[Path] = []
         self.seconds = 0.0  # wall time spent, reported in metrics.json under time/callbacks
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "splits") or "test" not in dm.splits:
-            raise ConfigError(
-                f"callbacks.{self.name}",
-                "needs the framework's MNIST/Fashion-MNIST DataModule (its test split)",
-            )
-        for method in ("embed", "decode", "sample"):
-            if not callable(getattr(pl_module, method, None)):
-                raise ConfigError(
-                    f"callbacks.{self.name}",
-                    f"needs a model with {method}(); {type(pl_module).__name__} has none",
-                )
-        if self.needs_variational and not getattr(pl_module, "variational", False):
-            message = (
-                f"needs a VAE (a posterior with mu and log-variance); "
-                f"{type(pl_module).__name__} is deterministic"
-            )
-            if self.on_unsupported == "error":
-                raise ConfigError(f"callbacks.{self.name}", message)
-            rank_zero_info(f"{self.name}: skipped, {message}")
-            self.enabled = False
-
-    def _due(self, trainer: L.Trainer) -> bool:
-        n = self.every_n_epochs
-        return n is not None and (trainer.current_epoch + 1) % n == 0
-
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._due(trainer):
-            last = (
-                trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-            )
-            self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1, final=last)
+            epochs_done = trainer.current_epoch + 1
+            last = trainer.max_epochs is not None and epochs_done >= trainer.max_epochs
+            self._run(trainer, pl_module, epochs_done, final=last)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._done_at_step != trainer.global_step:  # the end of fit, unless just done
-            self._run(trainer, pl_module, epochs_done=trainer.current_epoch, final=True)
-
+    @override
     def _run(
         self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int, final: bool
-    ) -> None:
+    ) -> dict[str, float]:
         if not self.enabled or trainer.sanity_checking:
-            return
-        self._done_at_step, self._final, self._epochs_done = trainer.global_step, final, epochs_done
-        if not trainer.is_global_zero:
-            return
-        t0 = time.perf_counter()
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
+            return {}
+        self._done_at_step, self._final = trainer.global_step, final
+        if trainer.is_global_zero:
+            t0 = time.perf_counter()
+            with views.eval_mode(pl_module):
                 outputs = self._make(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
-        for tag, image in outputs.items():
-            self._emit(trainer, tag, image)
-        self.seconds += time.perf_counter() - t0
+            for tag, image in outputs.items():
+                self.written.append(self._publish(trainer, tag, image, epochs_done))
+            self.seconds += time.perf_counter() - t0
+        return {}
 
     def summary(self) -> dict[str, Any]:
         return {"time/callbacks": {self.name: self.seconds}} if self.enabled else {}
@@ -147,40 +185,13 @@ class _Visual(L.Callback):
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _emit(self, trainer: L.Trainer, tag: str, image: Any) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # named by the number of epochs trained: images_reconstructions_epoch002.png
-        path = self.output_dir / f"{tag.replace('/', '_')}_epoch{self._epochs_done:03d}.png"
-        if isinstance(image, torch.Tensor):
-            from torchvision.utils import save_image
-
-            save_image(image, path)
-            for tb in _tensorboards(trainer):
-                tb.experiment.add_image(tag, image, global_step=trainer.global_step)
-        else:  # a matplotlib Figure
-            image.savefig(path, dpi=100)
-            array = _figure_to_array(image)
-            for tb in _tensorboards(trainer):
-                tb.experiment.add_image(tag, array, trainer.global_step, dataformats="HWC")
-        self.written.append(path)
-
-    # helpers for subclasses
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
-
     def _test_examples(
-        self, trainer: L.Trainer, n: int, device
+        self, trainer: L.Trainer, n: int, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """n test images fixed by ``seed`` (float in [0, 1], on ``device``) and their labels."""
         images, labels = trainer.datamodule.splits["test"]
         idx = torch.randperm(len(images), generator=self._generator())[:n]
         return to_unit_float(images[idx].to(device)), labels[idx]
-
-
-def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
-
-    return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
 
 
 class Reconstructions(_Visual):
@@ -190,10 +201,10 @@ class Reconstructions(_Visual):
         super().__init__(output_dir, **kwargs)
         self.n = check_int("n", n, 1)
 
-    def _make(self, trainer, pl_module):
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         x, _ = self._test_examples(trainer, self.n, pl_module.device)
-        x_hat = pl_module.decode(pl_module.embed(x))  # mu for a VAE: the mean reconstruction
-        return {"images/reconstructions": _grid(torch.cat([x, x_hat]), nrow=self.n)}
+        return {"images/reconstructions": views.reconstruction_grid(pl_module, x)}
 
 
 class Samples(_Visual):
@@ -207,11 +218,11 @@ class Samples(_Visual):
         super().__init__(output_dir, **kwargs)
         self.n, self.nrow = check_int("n", n, 1), check_int("nrow", nrow, 1)
 
-    def _make(self, trainer, pl_module):
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = pl_module.sample(self.n, generator=g)
         kind = "prior" if getattr(pl_module, "variational", False) else "ae_fitted_gaussian"
-        return {f"images/samples_{kind}": _grid(samples, nrow=self.nrow)}
+        return {f"images/samples_{kind}": views.sample_grid(pl_module, self.n, self.nrow, g)}
 
 
 class Interpolations(_Visual):
@@ -227,33 +238,15 @@ class Interpolations(_Visual):
         self.n_pairs, self.steps = check_int("n_pairs", n_pairs, 1), check_int("steps", steps, 2)
 
     def _pairs(self, labels: torch.Tensor) -> list[tuple[int, int]]:
-        order = torch.randperm(len(labels), generator=self._generator()).tolist()
-        pairs, used = [], set()
-        for i in order:
-            if i in used:
-                continue
-            j = next(
-                (j for j in order if j not in used and j != i and labels[j] != labels[i]), None
-            )
-            if j is None:
-                break
-            pairs.append((i, j))
-            used |= {i, j}
-            if len(pairs) == self.n_pairs:
-                break
-        return pairs
+        return views.contrasting_pairs(labels, self.n_pairs, self._generator())
 
-    def _make(self, trainer, pl_module):
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         images, labels = trainer.datamodule.splits["test"]
         pairs = self._pairs(labels[:2000])
         a = to_unit_float(images[[i for i, _ in pairs]].to(pl_module.device))
         b = to_unit_float(images[[j for _, j in pairs]].to(pl_module.device))
-        za, zb = pl_module.embed(a), pl_module.embed(b)  # (P, D)
-        t = torch.linspace(0, 1, self.steps, device=za.device).view(1, -1, 1)  # (1, S, 1)
-        z = (1 - t) * za.unsqueeze(1) + t * zb.unsqueeze(1)  # (P, S, D)
-        decoded = pl_module.decode(z.flatten(0, 1)).view(len(pairs), self.steps, *a.shape[1:])
-        rows = torch.cat([a.unsqueeze(1), decoded, b.unsqueeze(1)], dim=1)  # (P, S + 2, C, H, W)
-        return {"images/interpolations": _grid(rows.flatten(0, 1), nrow=self.steps + 2)}
+        return {"images/interpolations": views.interpolation_grid(pl_module, a, b, self.steps)}
 
 
 class Traversals(_Visual):
@@ -275,19 +268,11 @@ class Traversals(_Visual):
         self.steps, self.span = check_int("steps", steps, 2), float(span)
         self.max_dims = None if max_dims is None else check_int("max_dims", max_dims, 1)
 
-    def _make(self, trainer, pl_module):
-        x, _ = self._test_examples(trainer, 512, pl_module.device)
-        mu, logvar = pl_module.encode(x)
-        order = gaussian_kl(mu, logvar).mean(0).argsort(descending=True)  # dims by KL
-        if self.max_dims is not None:
-            order = order[: self.max_dims]
-        base = mu[0]  # (D,) the posterior mean of one fixed test image
-        offsets = torch.linspace(-self.span, self.span, self.steps, device=mu.device)
-        z = base.repeat(len(order), self.steps, 1)  # (K, S, D)
-        for row, d in enumerate(order.tolist()):
-            z[row, :, d] = base[d] + offsets
-        decoded = pl_module.decode(z.flatten(0, 1))
-        return {"images/traversals": _grid(decoded, nrow=self.steps)}
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        x, _ = self._test_examples(trainer, 512, pl_module.device)  # the KL order is over x
+        grid = views.traversal_grid(pl_module, x, self.steps, self.span, self.max_dims)
+        return {"images/traversals": grid}
 
 
 class LatentSpace(_Visual):
@@ -309,55 +294,32 @@ class LatentSpace(_Visual):
         self.tsne_n = check_int("tsne_n", tsne_n, 10)
         self.projector_n = check_int("projector_n", projector_n, 0)
 
-    def _make(self, trainer, pl_module):
-        from matplotlib.figure import Figure
-
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         images, labels = trainer.datamodule.splits["test"]
-        feats = embed_images(pl_module, images)  # (N, D)
-        y = labels.numpy()
-        if feats.size(1) == 2:
-            xy, how = feats.numpy(), "latent axes"
-        elif self.method == "tsne":
-            from sklearn.manifold import TSNE
-
-            idx = torch.randperm(len(feats), generator=self._generator())[: self.tsne_n].numpy()
-            xy = TSNE(random_state=self.seed, init="pca").fit_transform(feats.numpy()[idx])
-            y, how = y[idx], f"t-SNE of {len(idx)} points"
-        else:
-            from sklearn.decomposition import PCA
-
-            pca = PCA(n_components=2, random_state=self.seed).fit(feats.numpy())
-            xy = pca.transform(feats.numpy())
-            how = f"PCA ({pca.explained_variance_ratio_.sum():.0%} of variance)"
-        fig = Figure(figsize=(6, 5))
-        ax = fig.subplots()
         classes = trainer.datamodule.classes
-        for c in range(len(classes)):
-            m = y == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=classes[c], color=f"C{c}")
-        ax.set_title(f"test-set {'mu' if pl_module.variational else 'z'}: {how}")
-        ax.legend(markerscale=4, fontsize=7, loc="best")
-        fig.tight_layout()
-        out: dict[str, Any] = {"latent/scatter": fig}
-        if self._final:  # the projector only at the end: it writes a sprite and a tensor
-            self._project(trainer, feats, labels, images, classes)
-        return out
-
-    def _project(self, trainer, feats, labels, images, classes) -> None:
-        if not self.projector_n:
-            return
-        n = min(self.projector_n, len(feats))
-        for tb in _tensorboards(trainer):
-            tb.experiment.add_embedding(
-                feats[:n],
-                metadata=[classes[int(c)] for c in labels[:n]],
-                label_img=to_unit_float(images[:n]),
-                global_step=trainer.global_step,
-                tag="latent",
-            )
+        feats = embed_images(pl_module, images)  # (N, D)
+        xy, y, how = views.latent_2d(
+            feats.numpy(), labels.numpy(), self.method, self.tsne_n, self.seed
+        )
+        title = f"test-set {'mu' if pl_module.variational else 'z'}: {how}"
+        if self._final and self.projector_n:  # only at the end: it writes a sprite and a tensor
+            n = min(self.projector_n, len(feats))
+            for writer in _writers(trainer):
+                writer.add_embedding(
+                    feats[:n],
+                    metadata=[classes[int(c)] for c in labels[:n]],
+                    label_img=to_unit_float(images[:n]),
+                    global_step=trainer.global_step,
+                    tag="latent",
+                )
+        return {"latent/scatter": views.latent_scatter(xy, y, classes, title)}
 
 
-class PosteriorCollapse(L.Callback):
+# --- measurements -------------------------------------------------------------------------------
+
+
+class PosteriorCollapse(_ModelCallback):
     """KL per latent dimension and active units at each validation end (VAEs).
 
     Logs ``val/active_units`` (dimensions with Cov_x(E_q[z|x]) > ``threshold``, Burda et al.)
@@ -365,91 +327,68 @@ class PosteriorCollapse(L.Callback):
     of KL per dimension. ``summary()`` gives both for metrics.json.
     """
 
+    needs_data = False  # it reads the validation batches as they go by
+    needs_variational = True
+
     def __init__(
         self, output_dir: str | Path, threshold: float = 0.01, on_unsupported: str = "error"
     ) -> None:
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir, on_unsupported)
         self.threshold = float(threshold)
-        self.on_unsupported = check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
-        self.enabled = True
         self._moments: LatentMoments | None = None
         self.kl_per_dim: list[float] = []
         self.mu_variance: list[float] = []
         self.active: int | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not getattr(pl_module, "variational", False):
-            message = f"needs a VAE; {type(pl_module).__name__} is deterministic"
-            if self.on_unsupported == "error":
-                raise ConfigError("callbacks.PosteriorCollapse", message)
-            rank_zero_info(f"PosteriorCollapse: skipped, {message}")
-            self.enabled = False
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._moments = LatentMoments() if self.enabled and not trainer.sanity_checking else None
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dl_idx=0):
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self._moments is not None:
             mu, logvar = pl_module.encode(batch[0])
             self._moments.update(mu, gaussian_kl(mu, logvar))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._moments is None or self._moments.n == 0:
             return
-        kl = self._moments.kl_per_dim()
         var = self._moments.mu_variance()
         # the same on every rank would need a reduction; the count from rank zero's shard is
         # logged (on one device it is the whole validation set)
         self.active = active_units(var, self.threshold)
         pl_module.log("val/active_units", float(self.active), rank_zero_only=True)
-        self.kl_per_dim = kl.tolist()
+        self.kl_per_dim = self._moments.kl_per_dim().tolist()
         self.mu_variance = var.tolist()
         self._moments = None
         if trainer.is_global_zero:
-            for tb in _tensorboards(trainer):
-                tb.log_metrics(
-                    {f"collapse/kl_dim_{d:02d}": v for d, v in enumerate(self.kl_per_dim)},
-                    step=trainer.global_step,
-                )
+            for writer in _writers(trainer):
+                for d, kl in enumerate(self.kl_per_dim):
+                    writer.add_scalar(f"collapse/kl_dim_{d:02d}", kl, trainer.global_step)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not self.kl_per_dim or not trainer.is_global_zero:
-            return
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 3))
-        ax = fig.subplots()
-        order = np.argsort(self.kl_per_dim)[::-1]
-        active = np.array(self.mu_variance)[order] > self.threshold
-        ax.bar(
-            range(len(order)), np.array(self.kl_per_dim)[order], color=np.where(active, "C0", "C7")
-        )
-        ax.set_xticks(range(len(order)), [str(d) for d in order], fontsize=6)
-        ax.set_xlabel("latent dimension (by KL); grey: inactive")
-        ax.set_ylabel("KL (nats)")
-        ax.set_title(f"KL per dimension, {self.active} of {len(order)} active")
-        fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / f"collapse_kl_per_dim_epoch{trainer.current_epoch:03d}.png")
-        for tb in _tensorboards(trainer):
-            tb.experiment.add_image(
-                "collapse/kl_per_dim", _figure_to_array(fig), trainer.global_step, dataformats="HWC"
-            )
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.kl_per_dim and trainer.is_global_zero:
+            fig = views.kl_bars(self.kl_per_dim, self.mu_variance, self.threshold)
+            self._publish(trainer, "collapse/kl_per_dim", fig, trainer.current_epoch)
 
     def summary(self) -> dict[str, Any]:
         if not self.kl_per_dim:
             return {}
-        return {
-            "collapse": {
-                "kl_per_dim": self.kl_per_dim,
-                "mu_variance": self.mu_variance,
-                "active_units": self.active,
-                "threshold": self.threshold,
-            }
-        }
+        collapse = {"kl_per_dim": self.kl_per_dim, "mu_variance": self.mu_variance}
+        return {"collapse": {**collapse, "active_units": self.active, "threshold": self.threshold}}
 
 
-class LatentProbe(L.Callback):
+class LatentProbe(_Periodic):
     """Seed 2's downstream probe: classifiers on the embeddings (mu for VAEs, z for the AE).
 
     At the end of fit (and every ``every_n_epochs`` when set), embeds the training split and the
@@ -459,6 +398,8 @@ class LatentProbe(L.Callback):
     on raw pixels as a baseline (``probe/pixels_*``). ``max_train`` subsamples the training
     split (seeded) for speed.
     """
+
+    needs_methods = ("embed",)
 
     def __init__(
         self,
@@ -472,10 +413,7 @@ class LatentProbe(L.Callback):
         n_jobs: int | None = -1,
         seed: int = 0,
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.every_n_epochs = (
-            None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, 1)
-        )
+        super().__init__(output_dir, every_n_epochs, seed)
         self.max_train = None if max_train is None else check_int("max_train", max_train, 10)
         self.pixels = bool(pixels)
         self.kwargs = {
@@ -484,63 +422,41 @@ class LatentProbe(L.Callback):
             "knn_k": check_int("knn_k", knn_k, 1),
             "n_jobs": n_jobs,
         }
-        self.seed = seed
         self.result: dict[str, Any] = {}
-        self._done_at_step: int | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "splits"):
-            raise ConfigError(
-                "callbacks.LatentProbe", "needs the framework's MNIST/Fashion-MNIST DataModule"
-            )
-        if not callable(getattr(pl_module, "embed", None)):
-            raise ConfigError("callbacks.LatentProbe", f"{type(pl_module).__name__} has no embed()")
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._due(trainer):
+            metrics = self._run(trainer, pl_module, trainer.current_epoch + 1, final=False)
+            for key, value in metrics.items():
+                pl_module.log(key, value, rank_zero_only=True)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        n = self.every_n_epochs
-        if trainer.sanity_checking or n is None or (trainer.current_epoch + 1) % n:
-            return
-        metrics = self._run(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
-        for key, value in metrics.items():
-            pl_module.log(key, value, rank_zero_only=True)
+    def _train_split(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split, or ``max_train`` of it chosen by ``seed``."""
+        x, y = trainer.datamodule.splits["train"]
+        if self.max_train is not None and self.max_train < len(x):
+            idx = torch.randperm(len(x), generator=self._generator())[: self.max_train]
+            x, y = x[idx], y[idx]
+        return x, y
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._done_at_step == trainer.global_step:  # just done at the last validation
-            return
-        metrics = self._run(trainer, pl_module, epochs_done=trainer.current_epoch)
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=trainer.global_step)
-
-    def _features(self, pl_module, images: torch.Tensor) -> np.ndarray:
-        return embed_images(pl_module, images).numpy()
-
-    def _run(self, trainer, pl_module, epochs_done: int) -> dict[str, float]:
+    @override
+    def _run(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int, final: bool
+    ) -> dict[str, float]:
         self._done_at_step = trainer.global_step
         if not trainer.is_global_zero:
             return {}
         t0 = time.perf_counter()
-        (train_x, train_y), (test_x, test_y) = (
-            trainer.datamodule.splits[s] for s in ("train", "test")
-        )
-        if self.max_train is not None and self.max_train < len(train_x):
-            g = torch.Generator().manual_seed(self.seed)
-            idx = torch.randperm(len(train_x), generator=g)[: self.max_train]
-            train_x, train_y = train_x[idx], train_y[idx]
+        train_x, train_y = self._train_split(trainer)
+        test_x, test_y = trainer.datamodule.splits["test"]
         classes = trainer.datamodule.classes
-        feats_train, feats_test = (
-            self._features(pl_module, train_x),
-            self._features(pl_module, test_x),
-        )
-        res = fit_probes(
-            feats_train,
-            train_y.numpy(),
-            feats_test,
-            test_y.numpy(),
-            num_classes=len(classes),
-            **self.kwargs,
-        )
+
+        def probe(features) -> Any:  # the same probes on any featurisation of the images
+            train, test = features(train_x), features(test_x)
+            kwargs = {"num_classes": len(classes), **self.kwargs}
+            return fit_probes(train, train_y.numpy(), test, test_y.numpy(), **kwargs)
+
+        res = probe(lambda x: embed_images(pl_module, x).numpy())
         metrics = {f"probe/{k}_acc": v for k, v in res.accuracy.items()}
         result: dict[str, Any] = {
             "features": "mu" if getattr(pl_module, "variational", False) else "z",
@@ -551,47 +467,17 @@ class LatentProbe(L.Callback):
             "seconds": res.seconds,
         }
         if self.pixels:
-            flat = lambda x: to_unit_float(x).flatten(1).numpy()  # noqa: E731
-            pix = fit_probes(
-                flat(train_x),
-                train_y.numpy(),
-                flat(test_x),
-                test_y.numpy(),
-                num_classes=len(classes),
-                **self.kwargs,
-            )
+            pix = probe(lambda x: to_unit_float(x).flatten(1).numpy())
             metrics.update({f"probe/pixels_{k}_acc": v for k, v in pix.accuracy.items()})
             result["confusion_rf_pixels"] = pix.confusion.tolist()
         result["epochs_trained"] = epochs_done
         result["seconds_total"] = time.perf_counter() - t0
         self.result = {**result, "accuracy": metrics}
-        self._emit_confusion(trainer, res.confusion, classes, metrics["probe/rf_acc"], epochs_done)
-        rank_zero_info(
-            "latent probe: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            + f" ({result['seconds_total']:.1f} s)"
-        )
+        fig = views.confusion_figure(res.confusion, classes, metrics["probe/rf_acc"])
+        self._publish(trainer, "probe/confusion_rf", fig, epochs_done)
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        rank_zero_info(f"latent probe: {scores} ({result['seconds_total']:.1f} s)")
         return metrics
-
-    def _emit_confusion(
-        self, trainer, confusion: np.ndarray, classes, acc: float, epochs_done: int
-    ) -> None:
-        from matplotlib.figure import Figure
-        from sklearn.metrics import ConfusionMatrixDisplay
-
-        fig = Figure(figsize=(7, 6))
-        ax = fig.subplots()
-        ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(
-            ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
-        )
-        ax.set_title(f"RandomForest on the latent code: accuracy {acc:.2%} (n={confusion.sum()})")
-        fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / f"probe_confusion_rf_epoch{epochs_done:03d}.png", dpi=100)
-        for tb in _tensorboards(trainer):
-            tb.experiment.add_image(
-                "probe/confusion_rf", _figure_to_array(fig), trainer.global_step, dataformats="HWC"
-            )
 
     def summary(self) -> dict[str, Any]:
         if not self.result:

@@ -64,14 +64,19 @@ def register_resolvers() -> None:
 # --- composing and instantiating ----------------------------------------------------------------
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """``conf/<config_name>.yaml`` composed with ``overrides`` through Hydra's compose API."""
+def compose(
+    overrides: Sequence[str] = (), config_name: str = "train", return_hydra: bool = False
+) -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` through Hydra's compose API
+    (with the ``hydra`` node too when ``return_hydra``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(
+            config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra
+        )
 
 
 def instantiate(node: DictConfig, group: str, **kwargs: Any) -> Any:

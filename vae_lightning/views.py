@@ -42,6 +42,26 @@ def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 # --- image grids ----------------------------------------------------------------------------------
 
 
+def contrasting_pairs(
+    labels: torch.Tensor, n_pairs: int, generator: torch.Generator
+) -> list[tuple[int, int]]:
+    """Up to ``n_pairs`` disjoint index pairs (i, j) with different labels, in the generator's
+    random order: the ends of ``interpolation_grid``'s rows."""
+    order = torch.randperm(len(labels), generator=generator).tolist()
+    pairs, used = [], set()
+    for i in order:
+        if i in used:
+            continue
+        j = next((j for j in order if j not in used and j != i and labels[j] != labels[i]), None)
+        if j is None:
+            break
+        pairs.append((i, j))
+        used |= {i, j}
+        if len(pairs) == n_pairs:
+            break
+    return pairs
+
+
 def reconstruction_grid(model: Any, x: torch.Tensor) -> torch.Tensor:
     """Images (top row) above their reconstructions ``decode(embed(x))`` (mu for a VAE: the
     mean reconstruction)."""
@@ -87,6 +107,32 @@ def traversal_grid(
 
 
 # --- figures ------------------------------------------------------------------------------------
+
+
+def latent_2d(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    method: str = "pca",
+    max_points: int = 2000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(N, D) embeddings -> (M, 2) points, their labels, and how they were made: the two axes
+    when D is 2, else PCA of all points or t-SNE (``method="tsne"``) of ``max_points`` of them
+    chosen by ``seed``."""
+    if feats.shape[1] == 2:
+        return feats, labels, "latent axes"
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(feats), generator=generator)[:max_points].numpy()
+        xy = TSNE(random_state=seed, init="pca").fit_transform(feats[idx])
+        return xy, labels[idx], f"t-SNE of {len(idx)} points"
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2, random_state=seed).fit(feats)
+    how = f"PCA ({pca.explained_variance_ratio_.sum():.0%} of variance)"
+    return pca.transform(feats), labels, how
 
 
 def latent_scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str) -> Any:
