@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data: install ## fetch and verify MNIST and Fashion-MNIST into $(DATA_DIR)/ (offline sources work)
-	$(BIN)/vae-data --data-dir $(DATA_DIR)
+	$(BIN)/vae-data data_dir=$(abspath $(DATA_DIR))
 
 train: data ## train (default: seed 1's VAE on MNIST); ARGS="experiment=seed2_convvae_fashion ..."
 	$(BIN)/python -m vae_lightning.train paths.data_dir=$(abspath $(DATA_DIR)) $(ARGS)
@@ -37,23 +37,23 @@ sweep: data ## latent_dim x beta sweep (20 jobs) and its REPORT.md; ARGS="hydra/
 
 report: install ## REPORT.md, summary.csv and plots for every run folder below DIR=...
 	@test -n "$(DIR)" || { echo "usage: make report DIR=outputs/<task>/multiruns/<stamp>"; exit 2; }
-	$(BIN)/vae-report $(DIR)
+	$(BIN)/vae-report dir=$(DIR) $(ARGS)
 
 evaluate: data ## metrics and image grids from a checkpoint: CKPT=<run>/checkpoints/last.ckpt [ARGS="k=5000 probes=true"]
 	@test -n "$(CKPT)" || { echo "usage: make evaluate CKPT=<run folder>/checkpoints/<file>.ckpt"; exit 2; }
 	$(BIN)/vae-evaluate ckpt=$(CKPT) $(ARGS)
 
 classifiers: data ## train (or check) the cached FID classifiers under $(DATA_DIR)/classifiers
-	$(BIN)/vae-evaluate classifiers data_dir=$(abspath $(DATA_DIR))
+	$(BIN)/vae-evaluate classifiers=true data_dir=$(abspath $(DATA_DIR))
 
 reproduce: data ## both seeds at full length, evaluated, into outputs/reproduce/REPORT.md (hours on a CPU)
-	$(BIN)/python -m vae_lightning.reproduce --data-dir $(abspath $(DATA_DIR)) $(ARGS)
+	$(BIN)/vae-reproduce data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 reproduce-quick: data ## the same pipeline with 2 epochs per model, into outputs/reproduce_quick/
-	$(BIN)/python -m vae_lightning.reproduce --quick --data-dir $(abspath $(DATA_DIR)) $(ARGS)
+	$(BIN)/vae-reproduce quick=true data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
-	$(BIN)/vae-bench $(ARGS)
+	$(BIN)/vae-bench data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 test: install ## run the test suite (slow tests included; under 10 minutes on 2 CPU cores)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

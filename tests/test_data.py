@@ -291,3 +291,15 @@ def test_ddp_shards_are_disjoint_and_train_shards_equal_in_length(n):
     assert len({sum(len(b) for b in batches) for batches, _ in parts}) == 1
     union = [i for batches, _ in parts for b in batches for i in b]
     assert set(union) == set(range(n)) and len(union) - n == (-n) % 3  # padding only
+
+
+def test_vae_data_cli_refuses_unknown_names_and_reports_missing_files(tmp_path, capsys):
+    from vae_lightning.sources import main
+
+    assert main(["datasets=[mnist,cifar]", f"data_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("error: datasets must list some of mnist")
+    assert main(["sources=[ftp]", f"data_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("error: sources must list some of present")
+    assert main(["datasets=[mnist]", "sources=[present]", f"data_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mnist: missing ") and err.count("\n") == 1

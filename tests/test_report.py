@@ -289,24 +289,30 @@ def test_main_writes_and_logs(
     sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vae_lightning.report")
-    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert main([f"dir={sweep}", f"out={tmp_path / 'out'}"]) == 0
     assert (tmp_path / "out" / "REPORT.md").is_file()
     assert f"report written: {tmp_path / 'out' / 'REPORT.md'}" in caplog.text
 
 
 @pytest.mark.parametrize("make", [False, True], ids=["missing", "empty"])
 def test_main_fails_clearly_without_runs(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture, make: bool
 ) -> None:
     folder = tmp_path / "nothing"
     if make:
         (folder / "runs" / ".hydra").mkdir(parents=True)
         (folder / "runs" / ".hydra" / "metrics.json").write_text("{}")  # not a run folder
-    assert main([str(folder)]) == 1
-    assert str(folder) in caplog.text
-    assert "metrics.json" in caplog.text and "make train" in caplog.text
+    assert main([f"dir={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dir ") and err.count("\n") == 1  # one line, naming the key
+    assert str(folder) in err and "metrics.json" in err and "make train" in err
     if make:
-        assert f"no run folder (a folder with metrics.json) below {folder}" in caplog.text
+        assert f"no run folder (a folder with metrics.json) below {folder}" in err
     else:
-        assert "does not exist" in caplog.text
+        assert "does not exist" in err
     assert not (folder / "REPORT.md").exists()
+
+
+def test_main_needs_a_folder(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: dir is required")

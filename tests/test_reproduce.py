@@ -12,11 +12,11 @@ from vae_lightning.reproduce import main
 @pytest.mark.slow
 def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     out = tmp_path / "reproduce"
+    train = ["data.verify=false", "data.download=false", "trainer.accelerator=cpu",
+             "callbacks.latent_probe.max_train=200"]  # fmt: skip
     args = [
-        "--quick", "--out", str(out), "--data-dir", str(data_dir), "--k", "4", "--n-fid", "64",
-        "--classifier-max-steps", "5",
-        "data.verify=false", "data.download=false", "trainer.accelerator=cpu",
-        "callbacks.latent_probe.max_train=200",
+        "quick=true", f"out={out}", f"data_dir={data_dir}", "k=4", "n_fid=64",
+        "classifier_max_steps=5", "train=[" + ",".join(f"'{o}'" for o in train) + "]",
     ]  # fmt: skip
     assert main(args) == 0
     report = (out / "REPORT.md").read_text()
@@ -65,8 +65,7 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
     assert (out / "REPORT.md").read_text() == report
     # ... unless the evaluation asked for differs: a new k evaluates the VAEs again
-    k_at = args.index("--k") + 1
-    assert main([*args[:k_at], "3", *args[k_at + 1 :]]) == 0
+    assert main([*args, "k=3"]) == 0
     evaluation = json.loads((out / "seed1_vae" / "eval.json").read_text())
     assert evaluation["nll_iw"]["k"] == 3
     assert (out / "seed1_vae" / "metrics.json").stat().st_mtime_ns == stamps[
@@ -77,19 +76,28 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--runs", "seed1_vae,seed3_gan"], "unknown run(s) seed3_gan"),
-        (["--runs", ","], "(none given)"),
-        (["--k", "0"], "--k must be at least 1"),
-        (["--n-fid", "-1"], "--n-fid must be >= 0"),
+        (["runs=[seed1_vae,seed3_gan]"], "error: runs names unknown run(s) seed3_gan"),
+        (["runs=[]"], "(none given)"),
+        (["k=0"], "error: k must be at least 1"),
+        (["n_fid=-1"], "error: n_fid must be >= 0"),
+        (["quick=true", "k=0"], "error: k must be at least 1"),
+        (["classifier_max_steps=0"], "error: classifier_max_steps must be"),
+        (["train=3"], "error: train must be a list of strings"),
+        (["--quick"], "error: --quick is not an option"),
     ],
 )
 def test_reproduce_refuses_bad_arguments_before_writing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--out", str(out)])
-    assert exit_info.value.code == 2
+    assert main([*args, f"out={out}"]) == 2
     err = capsys.readouterr().err
-    assert message in err
-    if "--runs" in args:
+    assert message in err and err.count("\n") == 1  # one line
+    if "runs" in args[0]:
         assert "seed1_vae, seed1_ae" in err  # names the valid choices
     assert not out.exists()  # nothing created for a refused command
+
+
+def test_reproduce_help_shows_every_key(capsys):
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for key in ("quick:", "out:", "data_dir:", "k:", "n_fid:", "runs:", "train:"):
+        assert f"\n{key}" in shown, key

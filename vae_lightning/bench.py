@@ -4,7 +4,7 @@ In one process, with the same model initialisation, for each model (vae, ae, con
 alternating the runs so that machine drift affects all three alike, it times epochs of
 
 (a) the framework's real training path: ``train(cfg)`` with its DataModule, LightningModule and
-    Trainer, the default loggers (TensorBoard + CSV), checkpointing and the progress bar, image
+    Trainer, the default logger (TensorBoard), checkpointing and the progress bar, image
     callbacks off (``callbacks=minimal``); the training batches of the epoch, timed by History;
 (b) a bare PyTorch loop over a preloaded float tensor: permutation, slice, forward, loss,
     backward, ``torch.optim.Adam`` with its defaults (as pytorch/examples' VAE);
@@ -15,11 +15,11 @@ It reports seconds per epoch (median), samples/s, the achieved GFLOP/s (FLOPs of
 step counted by ``torch.utils.flop_counter`` times the steps) against a measured sgemm peak, the
 ratios a/b and c/a, the start-up of ``python -m vae_lightning.train`` (process start to first
 training step) and, when asked, the time of ``vae-evaluate`` at its defaults; writes bench.json.
+Options: conf/bench.yaml (``vae-bench --help``), e.g. ``vae-bench models=[vae] repeats=3``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -28,23 +28,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig
 
+from vae_lightning import config
+from vae_lightning.errors import ConfigError
 from vae_lightning.losses import gaussian_kl, recon_bce
-from vae_lightning.train import CONFIG_DIR, REPO_ROOT, train
+from vae_lightning.train import train
 
 log = logging.getLogger(__name__)
 DATA = {"vae": "mnist", "ae": "mnist", "conv_vae": "fashion_mnist"}
-
-
-def compose_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+LABELS = {"a": "(a) framework", "b": "(b) bare loop", "c": "(c) seeds' loop"}
 
 
 def _model(cfg, seed: int):
@@ -102,7 +100,7 @@ def seeds_epoch(cfg, data_dir: Path, dataset: str, seed: int) -> float:
 def framework_epoch(overrides: list[str], workdir: Path, run: int) -> float:
     """(a) one epoch of the real training path; the training batches' time from History."""
     out = workdir / f"run{run}"
-    train(compose_cfg([*overrides, f"paths.output_dir={out}"]))
+    train(config.compose([*overrides, f"paths.output_dir={out}"]))
     return json.loads((out / "metrics.json").read_text())["time/epoch_s"][0]
 
 
@@ -129,7 +127,7 @@ def sgemm_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def startup_seconds(data_dir: Path, repeats: int = 3) -> list[float]:
+def startup_seconds(data_dir: Path, repeats: int = 3, extra: Sequence[str] = ()) -> list[float]:
     """Process start to first training step of ``python -m vae_lightning.train``."""
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +138,7 @@ def startup_seconds(data_dir: Path, repeats: int = 3) -> list[float]:
                 [
                     sys.executable, "-m", "vae_lightning.train", f"paths.data_dir={data_dir}",
                     f"hydra.run.dir={out}", "trainer.max_steps=1", "callbacks=minimal",
-                    "test=false", "trainer.limit_val_batches=0",
+                    "test=false", "trainer.limit_val_batches=0", *extra,
                 ],
                 check=True, capture_output=True,
             )  # fmt: skip
@@ -149,112 +147,130 @@ def startup_seconds(data_dir: Path, repeats: int = 3) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vae-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vae,ae,conv_vae", help="comma-separated")
-    parser.add_argument("--repeats", type=int, default=5, help="epochs of each path per model")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data-dir", default=str(REPO_ROOT / "data"))
-    parser.add_argument("--no-seeds-loop", action="store_true", help="skip (c)")
-    parser.add_argument("--evaluate", metavar="CKPT", help="also time vae-evaluate on CKPT")
-    parser.add_argument("--out", default="bench.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "vae_lightning.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    data_dir = Path(args.data_dir)
-    peak = sgemm_peak()
-    log.info("sgemm peak: %.1f GFLOP/s with %d threads", peak, args.threads)
+def _paths_in_turn(cfg: DictConfig) -> list[str]:
+    return ["a", "b"] + (["c"] if cfg.seeds_loop else [])
 
-    results: dict[str, Any] = {}
-    for name in args.models.split(","):
-        dataset = DATA[name]
-        overrides = [
-            f"model={name}", f"data={dataset}", f"paths.data_dir={data_dir}",
-            "data.val_on_test=true",  # train on all 60k, as (b) and (c) do
-            "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=minimal", "test=false",
-            f"threads={args.threads}",
-        ]  # fmt: skip
-        cfg = compose_cfg([*overrides, "paths.output_dir=unused"])
-        import hydra
 
-        dm = hydra.utils.instantiate(cfg.data)
-        dm.prepare_data()
-        dm.setup("fit")
-        images = dm.splits["train"][0].float().div_(255)  # (b)'s preloaded tensor
-        n = len(images)
-        times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-        paths = ["a", "b"] + ([] if args.no_seeds_loop else ["c"])
-        with tempfile.TemporaryDirectory() as tmp:
-            for run in range(args.repeats):
-                for path in paths[run % len(paths) :] + paths[: run % len(paths)]:  # rotate
-                    if path == "a":
-                        times["a"].append(framework_epoch(overrides, Path(tmp), run))
-                    elif path == "b":
-                        times["b"].append(bare_epoch(cfg, images, seed=run))
-                    else:
-                        times["c"].append(seeds_epoch(cfg, data_dir, dataset, seed=run))
-                log.info(
-                    "%s run %d: %s", name, run,
-                    ", ".join(f"{p} {times[p][-1]:.3f} s" for p in paths),
-                )  # fmt: skip
-        flops = step_flops(cfg, cfg.data.batch_size) * math.ceil(n / cfg.data.batch_size)
-        med = {p: statistics.median(v) for p, v in times.items() if v}
-        results[name] = {
-            "dataset": dataset,
-            "images": n,
-            "batch_size": cfg.data.batch_size,
-            "seconds_per_epoch": times,
-            "median_s": med,
-            "samples_per_s": {p: n / t for p, t in med.items()},
-            "gflop_per_epoch": flops / 1e9,
-            "gflops": {p: flops / t / 1e9 for p, t in med.items()},
-            "fraction_of_peak": {p: flops / t / 1e9 / peak for p, t in med.items()},
-            "a_over_b": med["a"] / med["b"],
-            "c_over_a": med["c"] / med["a"] if "c" in med else None,
-        }
+def time_paths(cfg: DictConfig, name: str, overrides: list[str], train_cfg: DictConfig) -> dict:
+    """Seconds per epoch of each path, ``cfg.repeats`` epochs each, their order rotated."""
+    import hydra
 
-    startup = startup_seconds(data_dir)
-    summary: dict[str, Any] = {
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "sgemm_peak_gflops": peak,
-        "torch": torch.__version__,
-        "models": results,
-        "startup_s": startup,
-        "startup_s_median": statistics.median(startup),
+    dm = hydra.utils.instantiate(train_cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    images = dm.splits["train"][0].float().div_(255)  # (b)'s preloaded tensor
+    times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    paths = _paths_in_turn(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(cfg.repeats):
+            for path in paths[run % len(paths) :] + paths[: run % len(paths)]:  # rotate
+                if path == "a":
+                    times["a"].append(framework_epoch(overrides, Path(tmp), run))
+                elif path == "b":
+                    times["b"].append(bare_epoch(train_cfg, images, seed=run))
+                else:
+                    data_dir = Path(cfg.data_dir)
+                    times["c"].append(seeds_epoch(train_cfg, data_dir, DATA[name], seed=run))
+            log.info(
+                "%s run %d: %s", name, run, ", ".join(f"{p} {times[p][-1]:.3f} s" for p in paths)
+            )
+    return {"images": len(images), "times": times}
+
+
+def bench_model(cfg: DictConfig, name: str, peak: float) -> dict[str, Any]:
+    """The three paths' timings for model ``name`` and what follows from them."""
+    dataset = DATA[name]
+    overrides = [
+        f"model={name}", f"data={dataset}", f"paths.data_dir={Path(cfg.data_dir).resolve()}",
+        "data.val_on_test=true",  # train on all the training images, as (b) and (c) do
+        "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=minimal", "test=false",
+        f"threads={cfg.threads}", *cfg.train,
+    ]  # fmt: skip
+    train_cfg = config.compose([*overrides, "paths.output_dir=unused"])
+    timed = time_paths(cfg, name, overrides, train_cfg)
+    n, times, bs = timed["images"], timed["times"], train_cfg.data.batch_size
+    flops = step_flops(train_cfg, bs) * math.ceil(n / bs)
+    med = {p: statistics.median(v) for p, v in times.items() if v}
+    return {
+        "dataset": dataset,
+        "images": n,
+        "batch_size": bs,
+        "seconds_per_epoch": times,
+        "median_s": med,
+        "samples_per_s": {p: n / t for p, t in med.items()},
+        "gflop_per_epoch": flops / 1e9,
+        "gflops": {p: flops / t / 1e9 for p, t in med.items()},
+        "fraction_of_peak": {p: flops / t / 1e9 / peak for p, t in med.items()},
+        "a_over_b": med["a"] / med["b"],
+        "c_over_a": med["c"] / med["a"] if "c" in med else None,
     }
-    if args.evaluate:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "vae_lightning.evaluate", f"ckpt={args.evaluate}"], check=True
-        )
-        summary["evaluate_s"] = time.perf_counter() - t0
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
 
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """bench.json as the table the log shows."""
     lines = [
-        f"{args.threads} threads, medians of {args.repeats} epochs, sgemm peak {peak:.0f} GFLOP/s",
+        f"{summary['threads']} threads, medians of {summary['repeats']} epochs, "
+        f"sgemm peak {summary['sgemm_peak_gflops']:.0f} GFLOP/s",
         "model     path                    s/epoch  samples/s  GFLOP/s  of peak",
     ]
-    labels = {"a": "(a) framework", "b": "(b) bare loop", "c": "(c) seeds' loop"}
-    for name, r in results.items():
+    for name, r in summary["models"].items():
         for p, t in r["median_s"].items():
             lines.append(
-                f"{name:<9} {labels[p]:<22} {t:8.3f} {r['samples_per_s'][p]:10.0f} "
+                f"{name:<9} {LABELS[p]:<22} {t:8.3f} {r['samples_per_s'][p]:10.0f} "
                 f"{r['gflops'][p]:8.1f} {r['fraction_of_peak'][p]:8.1%}"
             )
         ratio = f"  a/b = {r['a_over_b']:.3f}"
         if r["c_over_a"] is not None:
             ratio += f", c/a = {r['c_over_a']:.2f}"
         lines.append(f"{name:<9}{ratio}  ({r['gflop_per_epoch']:.0f} GFLOP per epoch)")
-    lines.append(
-        f"start-up to the first training step: {summary['startup_s_median']:.2f} s (median)"
-    )
+    if summary["startup_s"]:
+        median = summary["startup_s_median"]
+        lines.append(f"start-up to the first training step: {median:.2f} s (median)")
     if "evaluate_s" in summary:
         lines.append(f"vae-evaluate at its defaults: {summary['evaluate_s']:.1f} s")
-    log.info("\n".join(lines))
-    return 0
+    return lines
+
+
+def _check(cfg: DictConfig) -> None:
+    models = cfg.models
+    if not isinstance(models, (list, ListConfig)) or not models or set(models) - set(DATA):
+        raise ConfigError("models", f"must be a non-empty list of {', '.join(DATA)}, got {models}")
+    for key, minimum in (("repeats", 1), ("threads", 1), ("startup_repeats", 0)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(cfg.train, (list, ListConfig)):
+        raise ConfigError("train", f"must be a list of overrides, got {cfg.train!r}")
+
+
+@config.tool_main("bench", doc=__doc__)
+def main(cfg: DictConfig) -> None:
+    _check(cfg)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "vae_lightning.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(cfg.threads)
+    peak = sgemm_peak()
+    log.info("sgemm peak: %.1f GFLOP/s with %d threads", peak, cfg.threads)
+    results = {name: bench_model(cfg, name, peak) for name in cfg.models}
+    data_dir = Path(cfg.data_dir).resolve()
+    startup = startup_seconds(data_dir, cfg.startup_repeats, list(cfg.train))
+    summary: dict[str, Any] = {
+        "threads": cfg.threads,
+        "repeats": cfg.repeats,
+        "sgemm_peak_gflops": peak,
+        "torch": torch.__version__,
+        "models": results,
+        "startup_s": startup,
+        "startup_s_median": statistics.median(startup) if startup else None,
+    }
+    if cfg.evaluate:
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "vae_lightning.evaluate", f"ckpt={cfg.evaluate}"], check=True
+        )
+        summary["evaluate_s"] = time.perf_counter() - t0
+    Path(cfg.out).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("\n".join(summary_lines(summary)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Aggregate run folders into one report: ``vae-report DIR [--out OUT]``.
+"""Aggregate run folders into one report: ``vae-report dir=DIR [out=OUT]`` (conf/report.yaml).
 
 A run folder is any folder below DIR (DIR itself included, ``.hydra`` folders excluded) that
 holds a ``metrics.json``: single runs (``DIR/runs/<timestamp>/``) and multirun jobs
@@ -20,7 +20,6 @@ valid JSON are listed, never skipped and never fatal. Written to OUT (default DI
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -35,7 +34,10 @@ from typing import Any
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
+from vae_lightning import config
+from vae_lightning.errors import ConfigError
 from vae_lightning.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,9 @@ def _find_run_folders(root: Path) -> Iterable[Path]:
             yield Path(folder)
 
 
-def _read_history(path: Path) -> list[dict[str, float]]:
+def read_history(path: Path) -> list[dict[str, float]]:
+    """history.csv's rows, every cell a float (NaN where a column was empty); [] when absent."""
+
     def cell(text: str | None) -> float:
         try:
             return float(text)  # "nan" parses; "" (a column this epoch lacked) does not
@@ -160,7 +164,7 @@ def _read_overrides(path: Path) -> list[str]:
 
 
 def _read_run(folder: Path) -> RunRecord:
-    history = _read_history(folder / "history.csv")
+    history = read_history(folder / "history.csv")
     overrides = _read_overrides(folder / ".hydra" / "overrides.yaml")
     try:
         payload = json.loads((folder / "metrics.json").read_text())
@@ -262,6 +266,23 @@ def _format(column: str, value: Any) -> str:
             return f"{value:g}"
         return f"{value:.2f}"  # losses, nats per image
     return str(value)
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A number with ``digits`` decimals; "—" when absent (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def pct(value: Any) -> str:
+    """A fraction as a percentage with two decimals ("84.01 %"); "—" when absent."""
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def md_row(*cells: Any) -> str:
+    """One markdown table row of the cells as given."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _md_cell(text: str, limit: int | None = None) -> str:
@@ -476,6 +497,82 @@ def _no_runs_message(root: Path) -> str:
     return f"no run folder (a folder with metrics.json) below {root}; {NO_RUNS_HINT}"
 
 
+def write_plots(runs: Sequence[RunRecord], out: Path) -> list[Path]:
+    """The heatmaps, rate-distortion and validation-curve plots of the ok runs that have data."""
+    ok = [r for r in runs if r.status == "ok"]
+    groups = _swept_groups(ok)
+    plots = [_plot_heatmap(groups, metric, out) for metric in HEATMAP_METRICS]
+    plots += [_plot_rate_distortion(ok, out), _plot_val_curves(ok, out)]
+    return [p for p in plots if p is not None]
+
+
+def _count_line(runs: Sequence[RunRecord]) -> str:
+    counts = Counter(r.status for r in runs)
+    count_line = ", ".join(
+        [f"{counts.pop('ok', 0)} ok", f"{counts.pop('failed', 0)} failed"]
+        + [f"{n} {status}" for status, n in sorted(counts.items())]
+    )
+    return f"{len(runs)} runs: {count_line}."
+
+
+def _runs_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [md_row(*SUMMARY_COLUMNS), "|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|"]
+    for row in rows:
+        cells = {
+            k: _md_cell(_format(k, v), limit=80 if k == "error" else None) for k, v in row.items()
+        }
+        cells["run"] = f"`{cells['run']}`"  # folder names hold `_` and `*`, markdown emphasis
+        lines.append(md_row(*cells.values()))
+    return lines
+
+
+def _failed_section(runs: Sequence[RunRecord], rows: Sequence[dict[str, Any]]) -> list[str]:
+    failed = [
+        (r, row) for r, row in zip(runs, rows, strict=True) if r.status in ("failed", "unreadable")
+    ]
+    if not failed:
+        return []
+    lines = ["", "## Failed runs", ""]
+    for r, row in failed:
+        overrides = ", ".join(f"`{o}`" for o in r.overrides) or "none"
+        lines += [
+            f"- `{row['run']}` ({r.status}; overrides: {overrides})",
+            "",
+            "  ```text",
+            *(f"  {line}" for line in (r.error or "(no error recorded)").splitlines()),
+            "  ```",
+        ]
+    return lines
+
+
+def _plots_section(plots: Sequence[Path]) -> list[str]:
+    if not plots:
+        return []
+    return ["", "## Plots", "", *(f"- [{p.name}]({p.name}): {_plot_note(p.name)}" for p in plots)]
+
+
+def render_report(
+    root: Path, runs: Sequence[RunRecord], rows: Sequence[dict[str, Any]], plots: Sequence[Path]
+) -> str:
+    """REPORT.md's text: counts, the runs table, the failed runs, the plots."""
+    lines = [
+        "# VAE experiment report",
+        "",
+        f"Root: `{root.resolve()}`",
+        "",
+        _count_line(runs),
+        "",
+        LOSS_NOTE,
+        "",
+        "## Runs",
+        "",
+        *_runs_table(rows),
+        *_failed_section(runs, rows),
+        *_plots_section(plots),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(root: Path, out_dir: Path | None = None) -> Path:
     """Write summary.csv, REPORT.md and the plots for every run below ``root``.
 
@@ -490,87 +587,34 @@ def write_report(root: Path, out_dir: Path | None = None) -> Path:
         raise FileNotFoundError(_no_runs_message(root))
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
-
     rows = [summary_row(r, root) for r in runs]
     _write_summary_csv(rows, out / "summary.csv")
-
-    ok = [r for r in runs if r.status == "ok"]
-    groups = _swept_groups(ok)
-    plots = [_plot_heatmap(groups, metric, out) for metric in HEATMAP_METRICS]
-    plots += [_plot_rate_distortion(ok, out), _plot_val_curves(ok, out)]
-
-    counts = Counter(r.status for r in runs)
-    count_line = ", ".join(
-        [f"{counts.pop('ok', 0)} ok", f"{counts.pop('failed', 0)} failed"]
-        + [f"{n} {status}" for status, n in sorted(counts.items())]
-    )
-    lines = [
-        "# VAE experiment report",
-        "",
-        f"Root: `{root.resolve()}`",
-        "",
-        f"{len(runs)} runs: {count_line}.",
-        "",
-        LOSS_NOTE,
-        "",
-        "## Runs",
-        "",
-        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-        "|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|",
-    ]
-    for row in rows:
-        cells = {
-            k: _md_cell(_format(k, v), limit=80 if k == "error" else None) for k, v in row.items()
-        }
-        cells["run"] = f"`{cells['run']}`"  # folder names hold `_` and `*`, markdown emphasis
-        lines.append("| " + " | ".join(cells.values()) + " |")
-
-    failed = [
-        (r, row) for r, row in zip(runs, rows, strict=True) if r.status in ("failed", "unreadable")
-    ]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        for r, row in failed:
-            overrides = ", ".join(f"`{o}`" for o in r.overrides) or "none"
-            lines += [
-                f"- `{row['run']}` ({r.status}; overrides: {overrides})",
-                "",
-                "  ```text",
-                *(f"  {line}" for line in (r.error or "(no error recorded)").splitlines()),
-                "  ```",
-            ]
-    plots = [p for p in plots if p is not None]
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"- [{p.name}]({p.name}): {_plot_note(p.name)}" for p in plots]
-
+    plots = write_plots(runs, out)
     report = out / "REPORT.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
+    atomic_write_text(report, render_report(root, runs, rows, plots))
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vae-report DIR`: aggregate every run folder below DIR into REPORT.md, CSV and PNGs."""
-    parser = argparse.ArgumentParser(prog="vae-report", description=main.__doc__)
-    parser.add_argument("dir", metavar="DIR", type=Path, help="a folder holding run folders")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if not args.dir.is_dir():
-        log.error(
-            "%s does not exist or is not a folder: expected a folder holding run folders "
-            "(folders with metrics.json); %s",
-            args.dir,
-            NO_RUNS_HINT,
+@config.tool_main("report", doc=__doc__)
+def main(cfg: DictConfig) -> None:
+    """vae-report dir=DIR [out=OUT]: aggregate every run folder below DIR (folders with
+    metrics.json) into REPORT.md, summary.csv and plots, written to OUT (default DIR)."""
+    if not cfg.dir:
+        raise ConfigError(
+            "dir", "is required: a folder holding run folders, e.g. vae-report dir=outputs/<task>"
         )
-        return 1
+    root = Path(cfg.dir)
+    if not root.is_dir():
+        raise ConfigError(
+            "dir",
+            f"{root} does not exist or is not a folder: expected a folder holding run folders "
+            f"(folders with metrics.json); {NO_RUNS_HINT}",
+        )
     try:
-        report = write_report(args.dir, args.out)
+        report = write_report(root, Path(cfg.out) if cfg.out else None)
     except FileNotFoundError as err:
-        log.error("%s", err)
-        return 1
+        raise ConfigError("dir", f"holds {err}") from None
     log.info("report written: %s", report)
-    return 0
 
 
 if __name__ == "__main__":

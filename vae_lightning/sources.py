@@ -17,7 +17,6 @@ folder (a parallel sweep on an empty machine).
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import gzip
 import hashlib
@@ -36,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, ListConfig
 
-from vae_lightning.errors import DataError
+from vae_lightning.config import tool_main
+from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.files import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def ensure_dataset(
         if "present" in sources and len(sources) == 1:
             raise DataError(
                 f"{spec.name}: missing {', '.join(missing)} in {spec.raw_dir(data_dir)} and no "
-                f"source to fetch from. Run `make data` (or `vae-data --data-dir {data_dir}`)."
+                f"source to fetch from. Run `make data` (or `vae-data data_dir={data_dir}`)."
             )
         tried = []
         for source in sources:
@@ -341,24 +342,19 @@ def ensure_dataset(
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vae-data`: obtain and verify the raw files (both datasets by default)."""
-    parser = argparse.ArgumentParser(prog="vae-data", description=main.__doc__)
-    parser.add_argument("datasets", nargs="*", help=f"any of {', '.join(DATASETS)} (default: all)")
-    parser.add_argument("--data-dir", default=str(REPO_ROOT / "data"))
-    parser.add_argument(
-        "--sources", default=",".join(SOURCES), help=f"comma-separated, in order: {SOURCES}"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        for name in args.datasets or list(DATASETS):
-            raw = ensure_dataset(name, args.data_dir, sources=args.sources.split(","))
-            log.info("%s: ok (%s)", name, raw)
-    except DataError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+@tool_main("prepare_data", doc="vae-data: obtain and verify the raw MNIST / Fashion-MNIST files.")
+def main(cfg: DictConfig) -> None:
+    """vae-data [data_dir=DIR] [datasets=[mnist,fashion_mnist]] [sources=[...]]: obtain and
+    verify the raw files (both datasets by default; conf/prepare_data.yaml)."""
+    datasets = list(cfg.datasets) if isinstance(cfg.datasets, ListConfig) else [cfg.datasets]
+    if not datasets or set(datasets) - set(DATASETS):
+        raise ConfigError("datasets", f"must list some of {', '.join(DATASETS)}, got {datasets}")
+    sources = list(cfg.sources) if isinstance(cfg.sources, ListConfig) else [cfg.sources]
+    if not sources or set(sources) - set(SOURCES):
+        raise ConfigError("sources", f"must list some of {', '.join(SOURCES)}, got {sources}")
+    for name in datasets:
+        raw = ensure_dataset(name, cfg.data_dir, sources=sources)
+        log.info("%s: ok (%s)", name, raw)
 
 
 if __name__ == "__main__":
