@@ -14,20 +14,22 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from tests.conftest import synthetic_images
-from vae_lightning import evaluation
+from tests.conftest import small_overrides, synthetic_images, write_synthetic
+from vae_lightning import fid
+from vae_lightning.checkpoints import load_model, model_class
+from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError, DataError
-from vae_lightning.evaluate import checkpoint_class, evaluate, load_model, main, parse_args
-from vae_lightning.metrics import (
+from vae_lightning.evaluate import evaluate, main
+from vae_lightning.fid import (
     ClassifierFeatures,
     FeatureClassifier,
     classifier_accuracy,
     frechet_distance,
-    iwae_bound,
     load_or_train_classifier,
     train_feature_classifier,
 )
 from vae_lightning.losses import recon_bce
+from vae_lightning.metrics import iwae_bound
 from vae_lightning.train import train
 
 
@@ -261,9 +263,9 @@ def test_classifier_is_trained_once_cached_and_retrained_when_asked_otherwise(
     assert not list((tmp_path / "classifiers").glob("*.part"))
 
     calls = []
-    real_train = evaluation.train_feature_classifier
+    real_train = fid.train_feature_classifier
     monkeypatch.setattr(
-        evaluation,
+        fid,
         "train_feature_classifier",
         lambda *a, **kw: calls.append(kw) or real_train(*a, **kw),
     )
@@ -283,27 +285,20 @@ def test_classifier_is_trained_once_cached_and_retrained_when_asked_otherwise(
 
 def _tiny_run(tmp_path_factory, data_dir: Path, name: str, *overrides: str) -> Path:
     """A 2-epoch run of a few batches; its config saved as Hydra saves it."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import small_overrides
-    from vae_lightning.train import CONFIG_DIR
-
     out = tmp_path_factory.mktemp(name)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *small_overrides(data_dir, out),
-                "debug=limit",
-                "callbacks=minimal",
-                "logger=none",
-                "model.latent_dim=4",
-                *overrides,
-            ],
-        )
+    cfg = compose(
+        [
+            *small_overrides(data_dir, out),
+            "debug=limit",
+            "callbacks=minimal",
+            "logger=none",
+            "model.latent_dim=4",
+            *overrides,
+        ]
+    )
     train(cfg)
-    (out / ".hydra").mkdir(exist_ok=True)  # train() wrote a resolved one; Hydra writes this
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # unresolved, as Hydra writes it
+    # train() wrote a resolved one; Hydra writes it unresolved, with ${repo_root:} in paths.*
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     return out
 
 
@@ -390,55 +385,90 @@ def test_evaluate_a_binarized_convvae_on_fashion_mnist(conv_run):
     assert Path(result["fid"]["classifier"]).name == "fashion_mnist.pt"
 
 
-def test_checkpoint_class_from_record_and_weights(vae_run, ae_run):
+def test_model_class_from_record_and_weights(vae_run, ae_run):
     vae = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)
     ae = torch.load(ae_run / "checkpoints" / "last.ckpt", weights_only=True)
     path = Path("x.ckpt")
-    assert checkpoint_class(vae, path) == "VAE" and checkpoint_class(ae, path) == "AE"
+    assert model_class(vae, path) == "VAE" and model_class(ae, path) == "AE"
     assert vae["vae_lightning"]["model_class"] == "VAE"  # recorded by the model itself
 
     def recorded(name):
         return {**vae, "vae_lightning": {**vae["vae_lightning"], "model_class": name}}
 
-    assert checkpoint_class(recorded("VAE"), path) == "VAE"
+    assert model_class(recorded("VAE"), path) == "VAE"
     with pytest.raises(ConfigError, match="records model_class=AE but holds the weights of a VAE"):
-        checkpoint_class(recorded("AE"), path)
-    with pytest.raises(ConfigError, match="evaluate takes only vae_lightning's"):
-        checkpoint_class(recorded("os.system"), path)
+        model_class(recorded("AE"), path)
+    with pytest.raises(ConfigError, match="only vae_lightning's"):
+        model_class(recorded("os.system"), path)
     with pytest.raises(ConfigError, match="weights of none of vae_lightning's models"):
-        checkpoint_class({"state_dict": {"fc.weight": torch.zeros(1)}}, path)
+        model_class({"state_dict": {"fc.weight": torch.zeros(1)}}, path)
 
 
-def test_cli_writes_eval_json_and_rejects_unknown_keys(vae_run, caplog):
+def error_line(capsys) -> str:
+    """What the tool wrote to stderr: one line, starting with ``error:``."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_writes_eval_json_and_rejects_bad_settings(vae_run, capsys):
     ckpt = vae_run / "checkpoints" / "last.ckpt"
     (vae_run / "eval.json").unlink(missing_ok=True)
     assert main([f"ckpt={ckpt}", "k=4", "n_fid=0", "device=cpu", "batch_size=64"]) == 0
-    assert json.loads((vae_run / "eval.json").read_text())["nll_iw"]["k"] == 4
+    written = json.loads((vae_run / "eval.json").read_text())
+    assert written["nll_iw"]["k"] == 4 and "gen/fid" not in written["metrics"]
+    assert written["checkpoint"] == str(ckpt.resolve())
+    capsys.readouterr()
     assert main([f"ckpt={ckpt}", "kk=4"]) == 2
-    assert "kk is not a key evaluate takes" in caplog.text
-    with pytest.raises(ConfigError, match="ckpt is required"):
-        parse_args(["k=3"])
-    with pytest.raises(ConfigError, match="probes has an invalid value"):
-        parse_args([f"ckpt={ckpt}", "probes=maybe"])
-    assert parse_args([f"ckpt={ckpt}", "probes=true", "data_dir=null"]) == {
-        "ckpt": ckpt,
-        "probes": True,
-        "data_dir": None,
+    assert "kk" in error_line(capsys)
+    assert main([f"ckpt={ckpt}", "+kk=4"]) == 2
+    assert "kk is not a setting of vae-evaluate" in error_line(capsys)
+    assert main([f"ckpt={ckpt}", "k=-1"]) == 2
+    assert "k must be an integer >= 0, got -1" in error_line(capsys)
+    assert main([f"ckpt={ckpt}", "probes=maybe"]) == 2
+    assert "probes must be true or false, got 'maybe'" in error_line(capsys)
+    assert main([f"ckpt={ckpt}", "device=nodevice"]) == 2
+    assert error_line(capsys).startswith("error: device cannot be used here: 'nodevice'")
+    assert main(["k=3"]) == 2
+    assert "ckpt is required" in error_line(capsys)
+    assert main([f"ckpt={vae_run / 'nonexistent.ckpt'}"]) == 2
+    assert "which is not a file" in error_line(capsys)
+
+
+def test_cli_help_prints_the_settings(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "vae-evaluate" in out and "n_fid: 10000" in out and "classifiers: false" in out
+
+
+def test_cli_writes_nothing_but_its_files(vae_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where Hydra would put outputs/ or .hydra/
+    ckpt = vae_run / "checkpoints" / "last.ckpt"
+    before = set(vae_run.rglob("*"))
+    assert main([f"ckpt={ckpt}", "k=2", "n_fid=0", "device=cpu"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    eval_files = {
+        vae_run / "eval",
+        *(vae_run / "eval" / f"{n}.png" for n in ("reconstructions", "samples")),
     }
+    assert set(vae_run.rglob("*")) - before <= {vae_run / "eval.json", *eval_files}
+    assert eval_files <= set(vae_run.rglob("*"))
 
 
-def test_cli_trains_the_classifiers_ahead_of_time(tmp_path, caplog):
-    from tests.conftest import write_synthetic
-
+def test_cli_trains_the_classifiers_ahead_of_time(tmp_path, capsys):
     data = write_synthetic(tmp_path / "data")
-    args = ["classifiers", f"data_dir={data}", "classifier_epochs=1", "classifier_max_steps=2"]
+    args = ["classifiers=true", f"data_dir={data}", "classifier_epochs=1", "classifier_max_steps=2"]
     # the synthetic files are not the official ones: verification names the first it checks
-    assert main(args) == 2 and "train-images-idx3-ubyte" in caplog.text
+    assert main(args) == 2 and "train-images-idx3-ubyte" in error_line(capsys)
     assert main([*args, "verify=false", "device=cpu"]) == 0
     for name in ("mnist", "fashion_mnist"):
         record = json.loads((data / "classifiers" / f"{name}.json").read_text())
         assert record["max_steps"] == 2 and 0 <= record["test_accuracy"] <= 1
-    assert main(["classifiers", "verify=false"]) == 2 and "data_dir is required" in caplog.text
+    capsys.readouterr()
+    assert main(["classifiers=true", "verify=false"]) == 2
+    assert "data_dir is required" in error_line(capsys)
+    assert main([*args, "datasets=[cifar]"]) == 2
+    assert "datasets must be one of mnist, fashion_mnist" in error_line(capsys)
 
 
 def test_refuses_a_checkpoint_of_another_model_class(vae_run, ae_run):
@@ -460,18 +490,18 @@ def test_refuses_hyper_parameters_that_disagree(vae_run):
     with pytest.raises(ConfigError, match=r"latent_dim: config 4 vs checkpoint 8"):
         evaluate(wrong, **FAST)
     # against its own weights
-    with pytest.raises(ConfigError, match=r"weights do not fit a VAE .*'latent_dim': 8"):
-        load_model(wrong, "VAE", checkpoint, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"weights do not fit a VAE .*size mismatch"):
+        load_model(wrong, "VAE", torch.device("cpu"))
 
 
-def test_refuses_a_truncated_checkpoint_naming_it(vae_run, caplog):
+def test_refuses_a_truncated_checkpoint_naming_it(vae_run, capsys):
     data = (vae_run / "checkpoints" / "last.ckpt").read_bytes()
     cut = vae_run / "checkpoints" / "truncated.ckpt"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match="truncated or corrupted") as err:
+    with pytest.raises(DataError, match="is truncated or not a checkpoint") as err:
         evaluate(cut, **FAST)
     assert str(cut) in str(err.value)
-    assert main([f"ckpt={cut}"]) == 2 and str(cut) in caplog.text
+    assert main([f"ckpt={cut}"]) == 2 and str(cut) in error_line(capsys)
 
 
 class NotAllowed:  # a class torch's weights_only unpickler does not admit

@@ -42,6 +42,12 @@ def _shape(key: str, value: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _mlp(hp: Any, out_features: int) -> tuple[nn.Module, nn.Module]:
+    """Seed 1's MLP encoder (to ``out_features``) and decoder, from the hyper-parameters."""
+    encoder = MLPEncoder(math.prod(hp.in_shape), hp.hidden_dim, out_features)
+    return encoder, MLPDecoder(hp.latent_dim, hp.hidden_dim, hp.in_shape)
+
+
 class Autoencoder(L.LightningModule):
     """What AE and the VAEs share: checked hyper-parameters, networks built once, Adam, and the
     hand-over of Lightning's step hooks to ``self.step``.
@@ -78,6 +84,8 @@ class Autoencoder(L.LightningModule):
         """Check and normalise the hyper-parameters (a ConfigError names the bad key)."""
         hp["latent_dim"] = check_int("latent_dim", hp["latent_dim"], 1)
         hp["lr"] = check_float("lr", hp["lr"], 0.0, inclusive=False)
+        if "hidden_dim" in hp:  # the MLP models
+            hp["hidden_dim"] = check_int("hidden_dim", hp["hidden_dim"], 1)
         if "beta" in hp:
             hp["beta"] = check_float("beta", hp["beta"], 0.0)
         hp["in_shape"] = _shape("in_shape", hp["in_shape"])
@@ -179,14 +187,8 @@ class AE(Autoencoder):
         self.register_buffer("code_cov", torch.eye(latent_dim))
         self._code_stats: list[torch.Tensor] | None = None
 
-    def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
-        hp["hidden_dim"] = check_int("hidden_dim", hp["hidden_dim"], 1)
-        return super().check_hparams(hp)
-
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
-        hp = self.hparams
-        encoder = MLPEncoder(math.prod(hp.in_shape), hp.hidden_dim, hp.latent_dim)
-        return encoder, MLPDecoder(hp.latent_dim, hp.hidden_dim, hp.in_shape)
+        return _mlp(self.hparams, out_features=self.hparams.latent_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)  # (B, latent_dim)
@@ -282,14 +284,8 @@ class VAE(_GaussianVAE):
     ) -> None:
         super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta)
 
-    def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
-        hp["hidden_dim"] = check_int("hidden_dim", hp["hidden_dim"], 1)
-        return super().check_hparams(hp)
-
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
-        hp = self.hparams
-        encoder = MLPEncoder(math.prod(hp.in_shape), hp.hidden_dim, 2 * hp.latent_dim)
-        return encoder, MLPDecoder(hp.latent_dim, hp.hidden_dim, hp.in_shape)
+        return _mlp(self.hparams, out_features=2 * self.hparams.latent_dim)  # mu and logvar
 
 
 class ConvVAE(_GaussianVAE):
