@@ -15,6 +15,9 @@ and the grids in ``<run folder>/eval/``.
 Cost of ``test/nll_iw``: ``k`` decoder passes per test image, i.e. 10^7 passes for the 10k test
 images at the default k = 1000 (Burda et al. use k = 5000): for seed 1's MLP VAE about 2.5
 minutes on 2 CPU cores, the bulk of an evaluation; it grows linearly with k.
+
+Longer than ~450 lines on purpose: reading a run folder's config without instantiating it
+(about 110 lines of checks) belongs with the evaluation that needs it, and is used nowhere else.
 """
 
 from __future__ import annotations

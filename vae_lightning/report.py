@@ -16,6 +16,9 @@ valid JSON are listed, never skipped and never fatal. Written to OUT (default DI
 - ``REPORT.md``: counts, a formatted table, the failed runs with their errors, links to the plots;
 - ``heatmap_<metric>.png`` (latent_dim × beta, one panel per model and dataset that was swept),
   ``rate_distortion.png`` (VAE runs) and ``val_curves.png``, each only when there is data for it.
+
+Longer than ~450 lines on purpose: the readers, the table and the four plots of one report; the
+readers and formatters are the ones reproduce.py uses too.
 """
 
 from __future__ import annotations

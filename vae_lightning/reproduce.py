@@ -5,6 +5,9 @@ latent 32, and latent 16 for its probe), evaluates each final checkpoint (evalua
 writes ``<out>/REPORT.md`` with the seeds' claims beside the measured numbers, the loss curves
 and each model's pictures. The seeds' numbers are quoted as the seeds state them (``SEEDS``);
 none is copied into a measured column. Options: conf/reproduce.yaml (``vae-reproduce --help``).
+
+Longer than ~450 lines on purpose: most of it is the report's prose, one small renderer per
+section of REPORT.md, next to the data (``SEEDS``) it quotes.
 """
 
 from __future__ import annotations

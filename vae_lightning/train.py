@@ -65,20 +65,24 @@ def train(cfg: DictConfig) -> float | None:
         record.add_metrics(trainer.callback_metrics)
         best = _best_checkpoint(trainer, record)
         record.add_summaries(callbacks)
-        tested = None
-        if cfg.get("test"):
-            # The best checkpoint when there is one; under fast_dev_run (no checkpoints) the
-            # current weights. With val_on_test the "best" one was chosen on the test set itself,
-            # so its test figures would be biased: the final weights are tested instead.
-            tested = None if getattr(datamodule, "val_on_test", False) else best
-            trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
-            record.add_metrics(trainer.callback_metrics)
-            tested = tested or "final weights"
+        tested = _test(trainer, model, datamodule, best, record) if cfg.get("test") else None
         record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
         log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
     log.info("done: %s; run folder: %s", shown or record.metrics, output_dir)
     return record.metric(cfg.get("optimized_metric"))
+
+
+def _test(trainer: Any, model: Any, datamodule: Any, best: str | None, record: Any) -> str:
+    """Test the best checkpoint when there is one, else (fast_dev_run) the current weights.
+
+    With val_on_test the "best" checkpoint was chosen on the test set itself, so its test
+    figures would be biased: the final weights are tested instead. Returns what was tested.
+    """
+    tested = None if getattr(datamodule, "val_on_test", False) else best
+    trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
+    record.add_metrics(trainer.callback_metrics)
+    return tested or "final weights"
 
 
 def _key_hparams(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, Any]:
