@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,64 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _cached_classifier(
+    weights: Path, wanted: dict, device: torch.device
+) -> tuple[FeatureClassifier, float] | None:
+    """The cached classifier and its test accuracy when its record matches ``wanted``."""
+    if not weights.is_file():
+        return None
+    try:
+        saved = torch.load(weights, map_location=device, weights_only=True)
+        record = saved["record"]
+        if all(record.get(key) == value for key, value in wanted.items()):
+            model = FeatureClassifier(num_classes=int(record["num_classes"]))
+            model.load_state_dict(saved["state_dict"])
+            log.info("classifier: %s (test accuracy %.4f)", weights, record["test_accuracy"])
+            return model.to(device).eval(), float(record["test_accuracy"])
+        log.info("classifier: %s was trained differently; retraining", weights)
+    except Exception as err:  # unreadable or of another layout: retrain over it
+        log.warning("classifier: cannot use %s (%s); retraining", weights, err)
+    return None
+
+
+def _train_and_cache(
+    wanted: dict,
+    weights: Path,
+    record_path: Path,
+    device: torch.device,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    **train_kwargs: Any,
+) -> tuple[FeatureClassifier, float]:
+    """Train the classifier, measure it on the test set, and write both cache files."""
+    (train_images, train_labels), (test_images, test_labels) = train, test
+    t0 = time.perf_counter()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    model = train_feature_classifier(
+        train_images,
+        train_labels,
+        device=device,
+        **train_kwargs,
+        num_classes=num_classes,
+    )
+    seconds = time.perf_counter() - t0
+    accuracy = classifier_accuracy(model, test_images, test_labels)
+    record = {
+        **wanted,
+        "num_classes": num_classes,
+        "test_accuracy": accuracy,
+        "n_train": len(train_images),
+        "n_test": len(test_images),
+        "train_seconds": seconds,
+        "device": str(device),
+    }
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
+    atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    log.info("classifier: trained in %.1f s, test accuracy %.4f -> %s", seconds, accuracy, weights)
+    return model, accuracy
+
+
 def load_or_train_classifier(
     dataset_name: str,
     data_dir: Path,
@@ -188,49 +247,13 @@ def load_or_train_classifier(
         "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
     }
     with file_lock(folder / f".{dataset_name}.lock"):
-        if weights.is_file():
-            try:
-                saved = torch.load(weights, map_location=device, weights_only=True)
-                record = saved["record"]
-                if all(record.get(key) == value for key, value in wanted.items()):
-                    model = FeatureClassifier(num_classes=int(record["num_classes"]))
-                    model.load_state_dict(saved["state_dict"])
-                    log.info(
-                        "classifier: %s (test accuracy %.4f)", weights, record["test_accuracy"]
-                    )
-                    return model.to(device).eval(), float(record["test_accuracy"])
-                log.info("classifier: %s was trained differently; retraining", weights)
-            except Exception as err:  # unreadable or of another layout: retrain over it
-                log.warning("classifier: cannot use %s (%s); retraining", weights, err)
-        t0 = time.perf_counter()
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-        model = train_feature_classifier(
-            train_images,
-            train_labels,
-            epochs=epochs,
-            seed=seed,
-            max_steps=max_steps,
-            device=device,
-            num_classes=num_classes,
-        )
-        seconds = time.perf_counter() - t0
-        accuracy = classifier_accuracy(model, test_images, test_labels)
-        record = {
-            **wanted,
-            "num_classes": num_classes,
-            "test_accuracy": accuracy,
-            "n_train": len(train_images),
-            "n_test": len(test_images),
-            "train_seconds": seconds,
-            "device": str(device),
-        }
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
-        atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-        log.info(
-            "classifier: trained in %.1f s, test accuracy %.4f -> %s", seconds, accuracy, weights
-        )
-        return model, accuracy
+        cached = _cached_classifier(weights, wanted, device)
+        if cached is not None:
+            return cached
+        return _train_and_cache(
+            wanted, weights, record_path, device, (train_images, train_labels),
+            (test_images, test_labels), epochs=epochs, seed=seed, max_steps=max_steps,
+        )  # fmt: skip
 
 
 class ClassifierFeatures(nn.Module):
