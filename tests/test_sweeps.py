@@ -20,7 +20,7 @@ def job_records(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
-def sweep(data_dir: Path, sweep_dir: Path, *args: str):
+def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
     result = run_cli(
         "-m",
         "debug=fast",
@@ -29,7 +29,7 @@ def sweep(data_dir: Path, sweep_dir: Path, *args: str):
         *SMALL,
         *args,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return result
 
 
@@ -56,7 +56,8 @@ def test_a_2x2_sweep_through_each_launcher(data_dir, tmp_path, launcher):
 
 def test_a_failing_job_is_recorded_and_the_others_run(data_dir, tmp_path):
     out = tmp_path / "sweep"
-    sweep(data_dir, out, "model.latent_dim=0,3")
+    result = sweep(data_dir, out, "model.latent_dim=0,3", status=1)  # a job failed
+    assert "error: 1 of 2 jobs of this sweep failed" in result.stderr
     records = job_records(out)
     assert len(records) == 2
     failed = [r for name, r in records.items() if "latent_dim=0" in name]

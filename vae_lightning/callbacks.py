@@ -111,6 +111,7 @@ class _Periodic(_ModelCallback):
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self._done_at_step: int | None = None
+        self._ended = False
 
     def _due(self, trainer: L.Trainer) -> bool:
         n = self.every_n_epochs
@@ -123,12 +124,21 @@ class _Periodic(_ModelCallback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ended = True
         if self._done_at_step == trainer.global_step:  # just done at the last epoch
             return
         metrics = self._run(trainer, pl_module, epochs_done=trainer.current_epoch, final=True)
         if metrics and trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint whose training is complete (it was stopped during this
+        # end-of-fit work, or its test) skips Lightning's fit loop and with it on_train_end:
+        # the end-of-fit work is done here instead.
+        if not self._ended:
+            self.on_train_end(trainer, pl_module)
 
     def _run(
         self, trainer: L.Trainer, pl_module: L.LightningModule, epochs_done: int, final: bool
@@ -383,6 +393,20 @@ class PosteriorCollapse(_ModelCallback):
         if self.kl_per_dim and trainer.is_global_zero:
             fig = views.kl_bars(self.kl_per_dim, self.mu_variance, self.threshold)
             self._publish(trainer, "collapse/kl_per_dim", fig, trainer.current_epoch)
+
+    # the last validation's figures travel in checkpoints: a run resumed after its last epoch
+    # reports them as the uninterrupted run did
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kl_per_dim": self.kl_per_dim,
+            "mu_variance": self.mu_variance,
+            "active": self.active,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.kl_per_dim = list(state_dict.get("kl_per_dim", []))
+        self.mu_variance = list(state_dict.get("mu_variance", []))
+        self.active = state_dict.get("active")
 
     def summary(self) -> dict[str, Any]:
         if not self.kl_per_dim:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
+from vae_lightning.files import FolderBusy, file_lock, lock_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -142,16 +145,69 @@ def route_lightning_logs() -> None:
 
 
 def save_config(cfg: DictConfig, output_dir: Path) -> None:
-    """Called through the compose API (tests, reproduce), write the run's .hydra/config.yaml
-    as @hydra.main does, so that the run folder is complete."""
+    """Write the run's ``.hydra/`` (config.yaml; under @hydra.main also hydra.yaml and
+    overrides.yaml, as Hydra writes them), once train() has checked that the folder may be
+    written: ``hydra.output_subdir`` is null, so that Hydra does not rewrite a finished run's
+    config before the check. Through the compose API (tests, reproduce) config.yaml is saved
+    resolved, as there is no Hydra runtime to resolve it later."""
     from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    if HydraConfig.initialized():
+    if rank_zero_only.rank != 0:  # DDP's other processes run with other Hydra settings
         return
-    path = output_dir / ".hydra" / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = output_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(cfg, folder / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+        return
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(plain, resolve=True)), path)
+    resolved = OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
+    OmegaConf.save(resolved, folder / "config.yaml")
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """The top-level and trainer values that would otherwise fail deep inside Lightning (or,
+    worse, record a run that trained nothing as ``ok``): checked before anything is written."""
+    check_int("seed", cfg.get("seed"), 0)
+    if cfg.get("threads") is not None:
+        check_int("threads", cfg.get("threads"), 1)
+    if not isinstance(cfg.get("test", True), bool):
+        raise ConfigError("test", f"must be true or false, got {cfg.get('test')!r}")
+    resume = cfg.get("resume")
+    if resume is not None and not isinstance(resume, (bool, str)):
+        raise ConfigError("resume", f"must be a run folder, a .ckpt file or true, got {resume!r}")
+    trainer = cfg.get("trainer") or {}
+    check_int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 50), 1)
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if max_epochs not in (None, -1):
+        check_int("trainer.max_epochs", max_epochs, 1)
+    if max_steps != -1:
+        check_int("trainer.max_steps", max_steps, 1)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = trainer.get(key)
+        if value is None:  # Lightning's default: all
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(
+                f"trainer.{key}",
+                f"must be a fraction in (0, 1] or a number of batches >= 1, got {value!r}: a "
+                f"run with no batches would record nothing measured as finished",
+            )
+
+
+def detach_folder_log(output_dir: Path) -> None:
+    """Stop logging into ``output_dir`` (Hydra's train.log there): for runs that leave the
+    folder as it was (a finished run skipped or refused). The console keeps the messages."""
+    root = logging.getLogger()
+    folder = Path(output_dir).resolve()
+    for handler in list(root.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name and Path(name).resolve().parent == folder:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def resume_command(output_dir: Path) -> str:
@@ -199,7 +255,7 @@ def tool_main(config_name: str, doc: str | None = None) -> Callable:
                     sys.stdout.write(f"{doc or fn.__doc__}\n\n{OmegaConf.to_yaml(cfg)}")
                     return 0
                 fn(cfg)
-            except (ConfigError, DataError) as err:
+            except USER_ERRORS as err:
                 sys.stderr.write(f"error: {err}\n")
                 return 2
             except (HydraException, OmegaConfBaseException) as err:
@@ -223,14 +279,118 @@ def argv_overrides(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a not in ("-h", "--help")]
 
 
-class SweepReport(Callback):
-    """Hydra callback: when a multirun ends, write REPORT.md, summary.csv and the plots into
-    its sweep folder (report.py, imported only then)."""
+class RunFolders(Callback):
+    """Hydra callback for the run and sweep folders, around what Hydra does itself.
+
+    - Before a run or a sweep: its folder can be created, else one line (Hydra would fail
+      with a traceback while creating it).
+    - A sweep folder is held (a lock) while the sweep runs: a second sweep into it is refused
+      with one line before it writes anything.
+    - Each job appends its outcome to the sweep's ``jobs.jsonl`` (``record_job``); when the
+      multirun ends, REPORT.md, summary.csv and the plots are written (report.py), and the
+      exit status is 1 when any job of this multirun failed.
+    """
+
+    def __init__(self) -> None:
+        self._lock: int | None = None  # a descriptor: the callback is pickled to joblib's workers
+        self._ledger_start = 0
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_folder(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _ddp_child():
+            return
+        sweep_dir = _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        try:
+            self._lock = lock_folder(sweep_dir)
+        except FolderBusy:
+            _exit_with(
+                f"error: hydra.sweep.dir {sweep_dir} is being written by another sweep right "
+                f"now. Wait for it to finish, or choose another folder.",
+                2,
+            )
+        ledger = sweep_dir / "jobs.jsonl"
+        self._ledger_start = ledger.stat().st_size if ledger.is_file() else 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from vae_lightning.report import write_report
 
+        if _ddp_child():
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            log.info("sweep report: %s", write_report(Path(config.hydra.sweep.dir)))
+            log.info("sweep report: %s", write_report(sweep_dir))
         except FileNotFoundError as err:  # e.g. every job was skipped before writing anything
             log.warning("no sweep report: %s", err)
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+        jobs = _read_jobs(sweep_dir / "jobs.jsonl", self._ledger_start)
+        failed = [j for j in jobs if j.get("status") not in ("ok", "skipped")]
+        if failed:
+            first = failed[0]
+            _exit_with(
+                f"error: {len(failed)} of {len(jobs)} jobs of this sweep failed (each one's "
+                f"metrics.json or train.log says why); the first, {first.get('dir')}: "
+                f"{first.get('error')}",
+                1,
+            )
+
+
+def _ddp_child() -> bool:
+    """Whether this process is one of the processes DDP starts beside rank zero (Lightning runs
+    them with the job's command line, which may be a multirun's)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank != 0
+
+
+def _make_folder(folder: Any, key: str) -> Path:
+    path = Path(str(folder))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # writable (an unnamed file: nothing added)
+    except OSError as err:
+        _exit_with(
+            f"error: {key} {path} cannot be created ({err.strerror or err}). Choose another "
+            f"folder with {key}=... or paths.log_dir=...",
+            2,
+        )
+    return path
+
+
+def _exit_with(line: str, status: int) -> None:
+    """One line on stderr and the exit status; a SystemExit passes through Hydra's callback
+    and error handlers, which would otherwise print a traceback."""
+    sys.stderr.write(line + "\n")
+    raise SystemExit(status)
+
+
+def record_job(status: str, error: str | None = None) -> None:
+    """Append this multirun job's outcome to its sweep's ``jobs.jsonl`` (under a file lock:
+    parallel launchers' jobs append to it at once)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _ddp_child():
+        return
+    hydra_cfg = HydraConfig.get()
+    ledger = Path(hydra_cfg.sweep.dir) / "jobs.jsonl"
+    entry = {
+        "job": hydra_cfg.job.num,
+        "dir": hydra_cfg.runtime.output_dir,
+        "status": status,
+        "error": error,
+    }
+    with file_lock(ledger):
+        with open(ledger, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _read_jobs(ledger: Path, start: int) -> list[dict[str, Any]]:
+    if not ledger.is_file():
+        return []
+    with open(ledger) as f:
+        f.seek(start)
+        return [json.loads(line) for line in f if line.strip()]

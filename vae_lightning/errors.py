@@ -1,7 +1,7 @@
-"""The two kinds of user error, and the value checks that constructors share.
+"""The kinds of user error, and the value checks that constructors share.
 
-Both carry a message that names the problem and what to do; ``train.py`` prints them as one
-line instead of a traceback.
+Each carries a message that names the problem and what to do; the entry points print them as
+one line instead of a traceback (``USER_ERRORS``). Anything else is a bug, and gets one.
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ class DataError(RuntimeError):
     """Raw data is missing, corrupted, or could not be obtained; the message says what to do."""
 
 
+class RunError(RuntimeError):
+    """The run cannot go on for a reason the user can act on (a diverging loss, nothing to
+    train); the message says what happened and what to do."""
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; ``key`` names it (relative to its config group)."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key} {message}")
         self.key, self.message = key, message
+
+
+USER_ERRORS = (ConfigError, DataError, RunError)
 
 
 def check_int(key: str, value: object, minimum: int) -> int:

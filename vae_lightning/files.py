@@ -60,3 +60,35 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the folder (``hold_folder``)."""
+
+
+def lock_folder(path: Path) -> int:
+    """An exclusive, non-blocking flock on the folder itself; returns the descriptor that holds
+    it (``os.close`` releases it). ``FolderBusy`` when another process holds it.
+
+    The lock is on the directory's own descriptor, so it adds no file (a finished run's folder
+    stays byte-for-byte as it was), and the kernel drops it when the process dies, so a killed
+    run leaves no stale lock.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(str(path)) from None
+    return fd
+
+
+@contextlib.contextmanager
+def hold_folder(path: Path) -> Iterator[None]:
+    """``lock_folder`` for the block: a second process asking for the same folder gets
+    ``FolderBusy`` at once, instead of writing into it beside the first."""
+    fd = lock_folder(path)
+    try:
+        yield
+    finally:
+        os.close(fd)

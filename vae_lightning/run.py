@@ -6,6 +6,7 @@ and the callbacks that keep it safe (stop on a signal, stop on a non-finite loss
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -15,6 +16,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from vae_lightning.errors import ConfigError
-from vae_lightning.files import atomic_write, atomic_write_json
+from vae_lightning.errors import ConfigError, RunError
+from vae_lightning.files import FolderBusy, atomic_write, atomic_write_json, hold_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,19 @@ class RunRecord:
         self._t0 = time.perf_counter()
 
     @staticmethod
-    def finished(output_dir: Path) -> dict[str, Any] | None:
-        """The folder's metrics.json when it records a finished run, else None."""
+    def read(output_dir: Path) -> dict[str, Any] | None:
+        """The folder's metrics.json, or None when it has none (or an unreadable one)."""
         try:
             record = json.loads((Path(output_dir) / "metrics.json").read_text())
         except (OSError, ValueError):
             return None
-        return record if isinstance(record, dict) and record.get("status") == "ok" else None
+        return record if isinstance(record, dict) else None
+
+    @staticmethod
+    def finished(output_dir: Path) -> dict[str, Any] | None:
+        """The folder's metrics.json when it records a finished run, else None."""
+        record = RunRecord.read(output_dir)
+        return record if record is not None and record.get("status") == "ok" else None
 
     def __enter__(self) -> RunRecord:
         self._t0 = time.perf_counter()
@@ -83,13 +91,23 @@ class RunRecord:
         self._write()
         return False
 
+    @classmethod
+    def failed_to_start(cls, output_dir: Path, err: BaseException) -> None:
+        """Record a run that failed before it started (a bad value found while building it)."""
+        record = cls(output_dir)
+        record.data.update(status="failed", error=record._describe(err))
+        record._write()
+
     def _describe(self, err: BaseException) -> str:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             from vae_lightning.config import resume_command
 
+            saved = (self.output_dir / "checkpoints" / "last.ckpt").is_file()
+            kept = "earlier checkpoints are intact" if saved else "no checkpoint was saved yet"
+            then = "resume" if saved else "start it again in this folder"
             message = (
-                f"disk full while writing ({err}); earlier checkpoints are intact. Free space, "
-                f"then resume: {resume_command(self.output_dir)}"
+                f"disk full while writing ({err}); {kept}. Free space, then {then}: "
+                f"{resume_command(self.output_dir)}"
             )
             log.error("%s", message)
             return message
@@ -97,7 +115,10 @@ class RunRecord:
 
     def add_metrics(self, metrics: dict[str, Any]) -> None:
         """Epoch-level ``stage/name`` values (``trainer.callback_metrics``) as floats."""
-        epoch_level = (k for k in sorted(metrics) if "/" in k and not k.endswith("_step"))
+        epoch_level = (
+            k for k in sorted(metrics)
+            if "/" in k and not k.endswith("_step") and not k.startswith("time/")
+        )  # fmt: skip
         self.metrics.update({k: float(metrics[k]) for k in epoch_level})
 
     def add_summaries(self, callbacks: list[L.Callback]) -> None:
@@ -134,11 +155,72 @@ def log_hparams(trainer: L.Trainer, hparams: dict[str, Any], metrics: dict[str, 
 # --- where a run starts from --------------------------------------------------------------------
 
 
+def _is_folder(resume: Any) -> bool:
+    return isinstance(resume, str) and bool(resume) and not resume.endswith(".ckpt")
+
+
+def _same_folder(a: Any, b: Path) -> bool:
+    return Path(str(a)).resolve() == Path(b).resolve()
+
+
+class FolderRefused(ConfigError):
+    """The run folder may not be written by this command; nothing was written into it."""
+
+
+@contextlib.contextmanager
+def claim_folder(output_dir: Path, resume: Any, rank: int = 0) -> Iterator[None]:
+    """Hold the run folder for this run, or refuse it with one line, before anything is written.
+
+    Refused: a folder another process is writing (a lock on the folder, held for the block, on
+    rank zero); a folder holding a finished run (metrics.json ``ok``), which no command changes
+    (``resume=true`` skips it before this); a folder holding another run (a record or
+    checkpoints) unless this command continues it (``resume=<that folder>`` or ``resume=true``).
+    """
+    output_dir = Path(output_dir)
+    if rank != 0:  # DDP's other processes: rank zero has claimed the folder for them
+        yield
+        return
+    try:
+        with hold_folder(output_dir):
+            _check_folder(output_dir, resume)
+            yield
+    except FolderBusy:
+        raise FolderRefused(
+            "paths.output_dir",
+            f"{output_dir} is being written by another run right now. Wait for it to finish, "
+            f"or choose another folder (hydra.run.dir=... or hydra.sweep.dir=...).",
+        ) from None
+
+
+def _check_folder(output_dir: Path, resume: Any) -> None:
+    record = RunRecord.read(output_dir)
+    status = (record or {}).get("status")
+    checkpoints = output_dir / "checkpoints"
+    has_ckpt = checkpoints.is_dir() and any(checkpoints.glob("*.ckpt"))
+    continues = resume is True or (_is_folder(resume) and _same_folder(resume, output_dir))
+    if status == "ok":
+        raise FolderRefused(
+            "resume" if continues else "paths.output_dir",
+            f"{output_dir} holds a finished run (metrics.json: ok), which is kept as it is. To "
+            f"train it further, start a new run from its weights: resume={checkpoints}/last.ckpt "
+            f"trainer.max_epochs=<more>; to run it again, choose another folder, or delete this "
+            f"one first.",
+        )
+    if (record is not None or has_ckpt) and not continues:
+        held = f"a run (metrics.json: {status})" if record is not None else "checkpoints"
+        raise FolderRefused(
+            "paths.output_dir",
+            f"{output_dir} already holds {held}. Continue it with resume={output_dir}, or choose "
+            f"another folder (delete this one first to start it again).",
+        )
+
+
 def resume_checkpoint(resume: Any, output_dir: Path) -> str | None:
     """The checkpoint a run starts from, from ``resume``:
 
     - null or false: none, a fresh run;
-    - ``<run folder>``: that folder's ``checkpoints/last.ckpt`` (the run continues there);
+    - ``<run folder>``: that folder's ``checkpoints/last.ckpt`` (the run continues there); a run
+      stopped before its first checkpoint (its metrics.json says so) starts again there;
     - ``<file>.ckpt``: that checkpoint (the run continues in a new folder);
     - true: this run's own ``last.ckpt`` when there is one, else a fresh start (sweeps).
     """
@@ -153,23 +235,48 @@ def resume_checkpoint(resume: Any, output_dir: Path) -> str | None:
             raise ConfigError("resume", f"points to {path}, which does not exist")
         return str(path)
     last = path / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if last.is_file():
+        return str(last)
+    if RunRecord.read(path) is not None:
+        log.info("%s saved no checkpoint before it stopped: starting it again", path)
+        return None
+    raise ConfigError(
+        "resume",
+        f"points to {path}, which holds no run (no metrics.json, no checkpoints/last.ckpt). "
+        f"Give a run folder, a checkpoint file, or resume=true to continue (or start) this folder.",
+    )
+
+
+def check_resume(
+    checkpoint: dict[str, Any], path: str, datamodule: Any, max_epochs: Any, output_dir: Path
+) -> None:
+    """Refuse to resume from ``checkpoint`` onto other data, or with nothing left to train.
+
+    A checkpoint whose training is complete is accepted only when it is the folder's own
+    (a run stopped at its end-of-fit probe or its test, which the resume finishes).
+    """
+    saved = (checkpoint.get("vae_lightning") or {}).get("dataset")
+    wanted = getattr(datamodule, "dataset_name", None)
+    if saved and wanted and saved != wanted:
         raise ConfigError(
-            "resume",
-            f"points to {path}, which holds no checkpoints/last.ckpt. Give a run folder that "
-            f"saved one, a checkpoint file, or resume=true to continue (or start) this folder.",
+            "resume", f"{path} was trained on {saved}, but the configured data is {wanted}"
         )
-    return str(last)
-
-
-def run_callbacks(output_dir: Path) -> list[L.Callback]:
-    """The callbacks every run gets, whatever ``callbacks=`` says."""
-    return [
-        History(output_dir / "history.csv"),
-        StopOnSignal(output_dir / "checkpoints" / "last.ckpt"),
-        NonFiniteStop(),
-        ExactResume(),
-    ]
+    saved_shape = (checkpoint.get("datamodule_hyper_parameters") or {}).get("image_shape")
+    shape = getattr(datamodule, "image_shape", None)
+    if saved_shape and shape and tuple(saved_shape) != tuple(shape):
+        raise ConfigError(
+            "resume", f"{path} holds images of shape {tuple(saved_shape)}, the data {tuple(shape)}"
+        )
+    done = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    done = done.get("current", {}).get("processed")
+    if isinstance(max_epochs, int) and max_epochs > 0 and isinstance(done, int):
+        own = Path(path).resolve().parents[1] == Path(output_dir).resolve()
+        if done >= max_epochs and not own:
+            raise ConfigError(
+                "trainer.max_epochs",
+                f"is {max_epochs}, and {path} has already trained {done} epochs: nothing to "
+                f"train. Raise trainer.max_epochs, or evaluate it with vae-evaluate ckpt={path}",
+            )
 
 
 # --- history.csv --------------------------------------------------------------------------------
@@ -227,6 +334,12 @@ class History(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
 
+    def final_metrics(self) -> dict[str, float]:
+        """The last epoch's metrics (no timings): what a run resumed after its last epoch
+        reports for training and validation, as the uninterrupted run did."""
+        last = self.rows[-1] if self.rows else {}
+        return {k: v for k, v in last.items() if "/" in k and not k.startswith("time/")}
+
     @property
     def epoch_times(self) -> list[float]:
         return [r["time/epoch_s"] for r in self.rows]
@@ -253,62 +366,100 @@ class History(L.Callback):
 
 
 class RunInterrupted(BaseException):
-    """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint.
+    """The run stopped on SIGTERM/SIGINT; ``checkpoint`` is where it resumes from (None: it had
+    saved none, and starts again).
 
     A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
     recording the job as failed and starting the next one.
     """
 
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, step: int) -> None:
+    def __init__(self, signum: int, checkpoint: Path | None, epoch: int, step: int) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
         name = signal.Signals(signum).name
-        super().__init__(f"{name} at epoch {epoch}, step {step}; checkpoint saved: {checkpoint}")
+        saved = f"resumes from {checkpoint}" if checkpoint else "no checkpoint saved yet"
+        super().__init__(f"{name} at epoch {epoch}, step {step}; {saved}")
 
 
 class StopOnSignal(L.Callback):
-    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during fit: finish the current step,
-    save a resumable checkpoint to ``path`` and stop with ``RunInterrupted``.
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C), at any point of a run, stops it
+    within moments with ``RunInterrupted``, leaving a checkpoint it resumes from exactly.
+
+    Installed for the whole run (``with StopOnSignal(...)`` in train.py), not only for fit:
+
+    - inside the fit loop the signal waits for the end of the current training batch (never
+      in the middle of an optimizer step), or of fit when it came during the last validation;
+      then a resumable checkpoint is saved to ``path``: the loop and loader position, the
+      partial epoch means and the RNG state (``ExactResume``, ``InMemoryBatches.state_dict``);
+    - anywhere else (setting up, the end-of-fit probe and images, the test) it stops at once:
+      nothing there is worth saving, and the resume reruns it from the last checkpoint.
 
     Replaces Python's KeyboardInterrupt, which could strike in the middle of an optimizer step,
-    and Lightning's own SIGTERM handling, which stops without saving. The checkpoint holds the
-    loop position, the loader's position in the epoch, the partial epoch means and the RNG
-    state, so a resumed run continues exactly (``ExactResume``, ``InMemoryBatches.state_dict``).
+    and Lightning's own SIGTERM handling, which stops without saving. Must come before the
+    callbacks whose ``on_train_end`` does long work (the probe), so it stops them too.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._in_fit = False
+        self._trainer: L.Trainer | None = None
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # where handlers can go
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handler)
+        return self
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
+    def _reinstall(self) -> None:
+        # Lightning's own SIGTERM handler (registered when fit starts) would stop the loops
+        # mid-validation without a checkpoint: during fit, this one alone answers
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._handler)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.received is None:
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)
-        raise RunInterrupted(self.received, self.path, trainer.current_epoch, trainer.global_step)
-
-    def _restore(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        if not self._in_fit:
+            self._stop(save=False)
+
+    def _stop(self, save: bool) -> None:
+        trainer = self._trainer
+        if save and trainer is not None:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        epoch, step = (trainer.current_epoch, trainer.global_step) if trainer else (0, 0)
+        checkpoint = self.path if self.path.is_file() else None
+        raise RunInterrupted(self.received or signal.SIGTERM, checkpoint, epoch, step)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.received is not None:
+            self._stop(save=False)
+        self._reinstall()
+        self._in_fit = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.received is not None:
+            self._stop(save=True)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+        self._in_fit = False
+        if self.received is not None:  # came during the last validation: fit is complete
+            self._stop(save=True)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
+        self._in_fit = False
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite; the message names the epoch, step and the last
     good checkpoint."""
 
@@ -366,7 +517,8 @@ class NonFiniteStop(L.Callback):
 class ExactResume(L.Callback):
     """The global RNG state travels in checkpoints, so the reparameterisation noise of a resumed
     run continues exactly where it stopped. Applied at the first training batch: the sanity
-    check would consume noise first."""
+    check would consume noise first. Also records the dataset (``vae_lightning.dataset``), which
+    ``check_resume`` compares with the configured one."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
@@ -377,6 +529,11 @@ class ExactResume(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        dataset = getattr(trainer.datamodule, "dataset_name", None)
+        if dataset:
+            checkpoint.setdefault("vae_lightning", {})["dataset"] = dataset
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         legacy = checkpoint.get("vae_lightning") or {}  # written before this callback existed

@@ -1,8 +1,8 @@
 """The one training entry point: ``python -m vae_lightning.train [overrides]`` (``vae-train``).
 
-Wiring only: seed, instantiate, fit, test, record. Single runs and multiruns (``-m``) alike;
-CPU or GPU by ``trainer.accelerator``. The run record is ``run.RunRecord``, the Hydra glue
-``config``, checkpoint checks ``checkpoints``.
+Wiring only: check, seed, instantiate, fit, test, record. Single runs and multiruns (``-m``)
+alike; CPU or GPU by ``trainer.accelerator``. The run record and the run folder's rules are
+``run``, the Hydra glue ``config``, checkpoint checks ``checkpoints``.
 """
 
 from __future__ import annotations
@@ -18,43 +18,83 @@ import hydra
 from omegaconf import DictConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.errors import USER_ERRORS, RunError
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit (and test) the configured model; write metrics.json; return ``optimized_metric``."""
-    import lightning as L
+    """Fit (and test) the configured model; write metrics.json; return ``optimized_metric``.
 
-    from vae_lightning.checkpoints import AtomicCheckpointIO, check_fits
-    from vae_lightning.run import RunRecord, log_hparams, resume_checkpoint, run_callbacks
+    Everything that can refuse the run (the values, the folder, the checkpoint to resume) is
+    checked before anything is written into the run folder.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from vae_lightning.run import RunRecord, claim_folder
 
     output_dir = Path(cfg.paths.output_dir)
+    config.check_run_config(cfg)
     if cfg.get("resume") is True and (done := RunRecord.finished(output_dir)) is not None:
+        config.detach_folder_log(output_dir)  # a finished run's folder is left as it is
         log.info("already finished, skipped (resume=true): %s", output_dir)
         return done.get("metrics", {}).get(cfg.get("optimized_metric") or "")
-    config.route_lightning_logs()
-    config.set_torch_threads(cfg.get("threads"))
     _check_writable(output_dir)
+    with claim_folder(output_dir, cfg.get("resume"), rank=rank_zero_only.rank):
+        config.route_lightning_logs()
+        config.set_torch_threads(cfg.get("threads"))
+        return _run(cfg, output_dir)
+
+
+def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None]:
+    """Seed; the data, the model and the checkpoint to resume from, checked to fit."""
+    import lightning as L
+
+    from vae_lightning.checkpoints import check_fits
+    from vae_lightning.run import check_resume, resume_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = config.instantiate(cfg.data, "data")
+    model = config.instantiate(cfg.model, "model")
+    ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
+    if ckpt_path is not None:
+        checkpoint = check_fits(ckpt_path, model)
+        check_resume(checkpoint, ckpt_path, datamodule, cfg.trainer.get("max_epochs"), output_dir)
+        log.info("resuming from %s", ckpt_path)
+    return datamodule, model, ckpt_path
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> float | None:
+    from vae_lightning.checkpoints import AtomicCheckpointIO
+    from vae_lightning.run import (
+        ExactResume,
+        History,
+        NonFiniteStop,
+        RunRecord,
+        StopOnSignal,
+        log_hparams,
+    )  # fmt: skip
+
+    try:
+        datamodule, model, ckpt_path = _prepare(cfg, output_dir)
+    except USER_ERRORS as err:
+        if RunRecord.read(output_dir) is None:  # a new folder records why (sweep reports list
+            config.save_config(cfg, output_dir)  # it); an earlier run's record is kept as it is
+            RunRecord.failed_to_start(output_dir, err)
+        raise
     config.save_config(cfg, output_dir)
-    with RunRecord(output_dir) as record:
-        L.seed_everything(cfg.seed, workers=True)
-        datamodule = config.instantiate(cfg.data, "data")
-        model = config.instantiate(cfg.model, "model")
+    signals = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
+    with signals, RunRecord(output_dir) as record:
         record.data["hparams"] = _key_hparams(cfg, model, datamodule)
-        always = run_callbacks(output_dir)  # history.csv, signals, non-finite stop, RNG
-        record.history = always[0]
-        callbacks = config.instantiate_group(cfg.get("callbacks"), "callbacks") + always
+        record.history = History(output_dir / "history.csv")
+        configured = config.instantiate_group(cfg.get("callbacks"), "callbacks")
+        # signals first: its on_train_end must come before the end-of-fit probe's
+        callbacks = [signals, *configured, record.history, NonFiniteStop(), ExactResume()]
         loggers = config.instantiate_group(cfg.get("logger"), "logger")
         trainer = config.instantiate(
             cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
             plugins=[AtomicCheckpointIO()],
         )  # fmt: skip
-        ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
-        if ckpt_path is not None:
-            check_fits(ckpt_path, model)
-            log.info("resuming from %s", ckpt_path)
         log.info("run folder: %s", output_dir)
 
         t_fit = time.perf_counter()
@@ -62,10 +102,19 @@ def train(cfg: DictConfig) -> float | None:
         record.data["time/fit_s"] = time.perf_counter() - t_fit
         if trainer.interrupted:
             raise RuntimeError("training was interrupted")
+        if not record.history.rows:
+            raise RunError(
+                "no training epoch ran (the training split or trainer.limit_train_batches gave "
+                "no batches), so there is nothing to record. Check data.val_size and the trainer."
+            )
+        record.add_metrics(record.history.final_metrics())  # also when fit resumed at its end
         record.add_metrics(trainer.callback_metrics)
         best = _best_checkpoint(trainer, record)
-        record.add_summaries(callbacks)
-        tested = _test(trainer, model, datamodule, best, record) if cfg.get("test") else None
+        record.add_summaries(configured)
+        if cfg.get("test"):
+            tested = _test(trainer, model, datamodule, best, record, cfg.seed)
+        else:
+            tested = None
         record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
         log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
@@ -73,13 +122,20 @@ def train(cfg: DictConfig) -> float | None:
     return record.metric(cfg.get("optimized_metric"))
 
 
-def _test(trainer: Any, model: Any, datamodule: Any, best: str | None, record: Any) -> str:
+def _test(
+    trainer: Any, model: Any, datamodule: Any, best: str | None, record: Any, seed: int
+) -> str:
     """Test the best checkpoint when there is one, else (fast_dev_run) the current weights.
 
     With val_on_test the "best" checkpoint was chosen on the test set itself, so its test
-    figures would be biased: the final weights are tested instead. Returns what was tested.
+    figures would be biased: the final weights are tested instead. The test's noise (the
+    ELBO's one draw) starts from ``seed``, so that it does not depend on what ran before it:
+    a run resumed for its test reports what the uninterrupted run did. Returns what was tested.
     """
+    import lightning as L
+
     tested = None if getattr(datamodule, "val_on_test", False) else best
+    L.seed_everything(seed, workers=True, verbose=False)
     trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
     record.add_metrics(trainer.callback_metrics)
     return tested or "final weights"
@@ -112,13 +168,15 @@ def _best_checkpoint(trainer: Any, record: Any) -> str | None:
 
 
 def _check_writable(output_dir: Path) -> None:
-    import os
+    """The run folder exists (created) and can be written: a temporary file is created in it
+    (and removed at once) when it is not already writable by its permissions."""
+    import tempfile
+
+    from vae_lightning.errors import ConfigError
 
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=output_dir).close()
     except OSError as err:
         raise ConfigError(
             "paths.output_dir",
@@ -129,28 +187,43 @@ def _check_writable(output_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config.CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from vae_lightning.run import RunInterrupted
+    """Run ``train``; a user error is one line, an interruption the command that resumes; in a
+    multirun each job's outcome goes to the sweep's jobs.jsonl and the others go on."""
+    from vae_lightning.run import FolderRefused, RunInterrupted
 
+    multirun = config.in_multirun()
     try:
-        return train(cfg)
+        result = train(cfg)
     except RunInterrupted as err:
         command = config.resume_command(Path(cfg.paths.output_dir))
         message = f"interrupted: {err}. Resume with:\n  {command}"
         log.error("%s", message)
         sys.stderr.write(message + "\n")  # also where a user error's line goes
         raise SystemExit(128 + err.signum) from None
-    except (ConfigError, DataError) as err:
-        if config.in_multirun():  # one job's bad value must not stop the others
-            log.error("job failed (recorded in its metrics.json): %s", err)
+    except USER_ERRORS as err:
+        if isinstance(err, FolderRefused):  # nothing goes into a folder this run may not write
+            config.detach_folder_log(Path(cfg.paths.output_dir))
+        if multirun:  # one job's bad value must not stop the others
+            log.error("job failed: %s", err)
+            config.record_job("failed", str(err))
             return math.nan
-        log.error("%s", err)  # a user error: one clear line, no traceback
-        raise SystemExit(f"error: {err}") from None
-    except Exception:
-        if config.in_multirun():
-            # Hydra's sweepers stop the whole sweep on a job's exception; record and go on.
-            log.exception("job failed (recorded in its metrics.json)")
+        log.error("%s", err)
+        sys.stderr.write(f"error: {err}\n")  # one clear line, no traceback
+        raise SystemExit(2) from None
+    except Exception as err:
+        # a bug: its traceback goes to the log; Hydra's sweepers would stop the whole sweep
+        log.exception("unexpected error (a bug; the traceback is in %s)", _log_file(cfg))
+        if multirun:
+            config.record_job("failed", f"{type(err).__name__}: {err}")
             return math.nan
-        raise
+        raise SystemExit(1) from None
+    if multirun:
+        config.record_job("ok")
+    return result
+
+
+def _log_file(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir) / "train.log"
 
 
 def main() -> None:
