@@ -1,4 +1,5 @@
-"""vae-bench in-process on the small synthetic data: the JSON it writes and what it derives."""
+"""vae-bench on the small synthetic data: the JSON it writes and what it derives, its checks
+before any timing (in-process and through the real CLI), and bench.json kept model by model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_tool
+from vae_lightning import bench
 from vae_lightning.bench import main
 
 
@@ -21,6 +24,7 @@ def test_bench_writes_consistent_timings(data_dir: Path, tmp_path: Path) -> None
     assert main(args) == 0
     summary = json.loads(out.read_text())
     assert (summary["threads"], summary["repeats"], summary["startup_s"]) == (2, 2, [])
+    assert summary["complete"] is True and list(summary["models"]) == ["vae"]
     assert summary["sgemm_peak_gflops"] > 0
     vae = summary["models"]["vae"]
     assert (vae["dataset"], vae["images"], vae["batch_size"]) == ("mnist", 640, 64)
@@ -36,12 +40,87 @@ def test_bench_writes_consistent_timings(data_dir: Path, tmp_path: Path) -> None
     assert vae["gflops"]["b"] == pytest.approx(vae["gflop_per_epoch"] / medians["b"])
 
 
+CKPT_HINT = (
+    "give a checkpoint written by vae-train (<run folder>/checkpoints/<file>.ckpt), or "
+    "evaluate=null not to time vae-evaluate"
+)
+
+
 @pytest.mark.parametrize(
     ("arg", "message"),
-    [("models=[gan]", "error: models must be a non-empty list"), ("repeats=0", "error: repeats")],
+    [
+        ("models=[gan]", "models must be a non-empty list of vae, ae, conv_vae, got ['gan']"),
+        ("models=[vae,vae]", "models lists a model twice: ['vae', 'vae']; list each once"),
+        ("repeats=0", "repeats must be an integer >= 1, got 0"),
+        ("threads=-1", "threads must be an integer >= 1, got -1"),
+        ("startup_repeats=-1", "startup_repeats must be an integer >= 0, got -1"),
+        ("seeds_loop=maybe", "seeds_loop must be true or false, got 'maybe'"),
+        ("train=5", "train must be a list of overrides, got 5"),
+        ("train=['nokey=1']", "train holds an override vae-train refuses: Could not override"),
+        ("train=['model.latent_dim=0']", "model.latent_dim must be an integer >= 1, got 0"),
+        ("evaluate={tmp}", "evaluate {tmp} is a folder, not a file: " + CKPT_HINT),
+        (
+            "evaluate={tmp}/run/checkpoints/last.ckpt",
+            "evaluate {tmp}/run/checkpoints/last.ckpt has no run config "
+            "{tmp}/run/.hydra/config.yaml: " + CKPT_HINT,
+        ),
+        ("out={tmp}", "out {tmp} is a folder, not a file: give the file for the results"),
+        ("data_dir={tmp}/bench.txt", "data_dir {tmp}/bench.txt is a file, not a folder"),
+    ],
 )
 def test_bench_refuses_bad_values(tmp_path: Path, capsys, arg: str, message: str) -> None:
     out = tmp_path / "bench.json"
-    assert main([arg, f"out={out}"]) == 2
-    assert capsys.readouterr().err.startswith(message)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # without its run config
+    (tmp_path / "bench.txt").write_text("")
+    args = [f"out={out}", arg.format(tmp=tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(tmp=tmp_path)}") and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("evaluate={tmp}/missing.ckpt", "evaluate {tmp}/missing.ckpt does not exist: " + CKPT_HINT),
+        ("repeats=0", "repeats must be an integer >= 1, got 0"),
+        ("repeats=-3", "repeats must be an integer >= 1, got -3"),
+        ("models=[vae,gan]", "models must be a non-empty list of vae, ae, conv_vae, got"),
+    ],
+    ids=["evaluate-missing", "repeats-0", "repeats-negative", "unknown-model"],
+)
+def test_vae_bench_cli_checks_before_timing(tmp_path: Path, arg: str, message: str) -> None:
+    """The real vae-bench: one line, exit 2, before the sgemm peak (its first timing)."""
+    out = tmp_path / "bench.json"
+    result = run_tool("vae-bench", f"out={out}", arg.format(tmp=tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {message.format(tmp=tmp_path)}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "sgemm peak" not in result.stderr + result.stdout
+    assert not out.exists()
+
+
+def test_bench_json_keeps_the_models_done_when_one_fails(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def fake_bench_model(cfg, name: str, peak: float) -> dict:
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        if name == "ae":
+            raise RuntimeError("ae failed")
+        return {"dataset": "mnist", "median_s": {"a": 2.0, "b": 1.0}}
+
+    monkeypatch.setattr(bench, "bench_model", fake_bench_model)
+    monkeypatch.setattr(bench, "sgemm_peak", lambda: 10.0)
+    args = ["models=[vae,ae]", "startup_repeats=0", f"data_dir={data_dir}", f"out={out}"]
+    with pytest.raises(RuntimeError, match="ae failed"):
+        main(args)
+    assert seen[0] is None  # nothing before the first model
+    assert seen[1]["models"] == {"vae": {"dataset": "mnist", "median_s": {"a": 2.0, "b": 1.0}}}
+    summary = json.loads(out.read_text())
+    assert summary == seen[1] and summary["complete"] is False
+    assert summary["sgemm_peak_gflops"] == 10.0 and summary["startup_s"] is None
+    assert not list(tmp_path.glob(".bench.json.*"))  # no temporary file left beside it

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import run_tool
+from vae_lightning import report
 from vae_lightning.report import SUMMARY_COLUMNS, collect_runs, main, metric_grid, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -316,3 +318,74 @@ def test_main_fails_clearly_without_runs(
 def test_main_needs_a_folder(capsys: pytest.CaptureFixture) -> None:
     assert main([]) == 2
     assert capsys.readouterr().err.startswith("error: dir is required")
+
+
+DIR_HINT = (
+    "expected a folder holding run folders (folders with metrics.json); train with `make train` "
+    "or `make sweep` first"
+)
+OUT_HINT = (
+    "give the folder for REPORT.md, summary.csv and the plots (created when missing), or "
+    "out=null to write into dir"
+)
+
+
+def written_reports(root: Path) -> list[Path]:
+    return [
+        p for p in root.rglob("*") if p.name in ("REPORT.md", "summary.csv") or p.suffix == ".png"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dir={sweep}", "out={file}"], "out {file} is a file, not a folder: " + OUT_HINT),
+        (["dir={tmp}/missing"], "dir {tmp}/missing does not exist: " + DIR_HINT),
+        (["dir={file}"], "dir {file} is a file, not a folder: " + DIR_HINT),
+    ],
+    ids=["out-is-a-file", "dir-missing", "dir-is-a-file"],
+)
+def test_vae_report_cli_refuses_paths_that_are_not_folders(
+    sweep: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """The real vae-report: one line, exit 2, nothing written (the file is left as it was)."""
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    values = {"sweep": sweep, "file": file, "tmp": tmp_path}
+    result = run_tool("vae-report", *(a.format(**values) for a in args))
+    assert result.returncode == 2
+    assert result.stderr == f"error: {message.format(**values)}\n"
+    assert "Traceback" not in result.stderr
+    assert written_reports(tmp_path) == [] and file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("{file}/sub", "out {file}/sub lies below {file}, which is a file: " + OUT_HINT),
+        ("''", "out must be the path of a folder, got '': " + OUT_HINT),
+    ],
+    ids=["below-a-file", "empty"],
+)
+def test_main_refuses_an_out_that_cannot_be_a_folder(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture, out: str, message: str
+) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    assert main([f"dir={sweep}", f"out={out.format(file=file)}"]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(file=file)}\n"
+    assert written_reports(tmp_path) == []
+
+
+def test_main_names_out_when_it_cannot_be_written(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(runs: Any, out: Path) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(out / "val_curves.png"))
+
+    monkeypatch.setattr(report, "write_plots", refuse)
+    assert main([f"dir={sweep}", f"out={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: out {tmp_path / 'out'} cannot be written (Permission denied): give out= a "
+        "folder you can write to\n"
+    )

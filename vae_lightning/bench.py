@@ -14,8 +14,12 @@ alternating the runs so that machine drift affects all three alike, it times epo
 It reports seconds per epoch (median), samples/s, the achieved GFLOP/s (FLOPs of one training
 step counted by ``torch.utils.flop_counter`` times the steps) against a measured sgemm peak, the
 ratios a/b and c/a, the start-up of ``python -m vae_lightning.train`` (process start to first
-training step) and, when asked, the time of ``vae-evaluate`` at its defaults; writes bench.json.
-Options: conf/bench.yaml (``vae-bench --help``), e.g. ``vae-bench models=[vae] repeats=3``.
+training step) and, when asked, the time of ``vae-evaluate`` at its defaults.
+
+Every option is checked before any timing starts. bench.json is rewritten (atomically) after each
+model, so a bench that fails or is interrupted keeps the models done; ``complete`` is true once
+everything asked for is in it. Options: conf/bench.yaml (``vae-bench --help``), e.g.
+``vae-bench models=[vae] repeats=3``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError
+from vae_lightning.errors import ConfigError, check_path
+from vae_lightning.files import atomic_write_json
 from vae_lightning.losses import gaussian_kl, recon_bce
 from vae_lightning.train import train
 
@@ -177,15 +183,20 @@ def time_paths(cfg: DictConfig, name: str, overrides: list[str], train_cfg: Dict
     return {"images": len(images), "times": times}
 
 
-def bench_model(cfg: DictConfig, name: str, peak: float) -> dict[str, Any]:
-    """The three paths' timings for model ``name`` and what follows from them."""
-    dataset = DATA[name]
-    overrides = [
-        f"model={name}", f"data={dataset}", f"paths.data_dir={Path(cfg.data_dir).resolve()}",
+def train_overrides(cfg: DictConfig, name: str) -> list[str]:
+    """The overrides of the framework's runs of model ``name``."""
+    return [
+        f"model={name}", f"data={DATA[name]}", f"paths.data_dir={Path(cfg.data_dir).resolve()}",
         "data.val_on_test=true",  # train on all the training images, as (b) and (c) do
         "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks=minimal", "test=false",
         f"threads={cfg.threads}", *cfg.train,
     ]  # fmt: skip
+
+
+def bench_model(cfg: DictConfig, name: str, peak: float) -> dict[str, Any]:
+    """The three paths' timings for model ``name`` and what follows from them."""
+    dataset = DATA[name]
+    overrides = train_overrides(cfg, name)
     train_cfg = config.compose([*overrides, "paths.output_dir=unused"])
     timed = time_paths(cfg, name, overrides, train_cfg)
     n, times, bs = timed["images"], timed["times"], train_cfg.data.batch_size
@@ -231,16 +242,62 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _check_evaluate(value: object) -> Path:
+    """The checkpoint of ``evaluate``: a file, with the run config vae-evaluate reads beside it."""
+    hint = (
+        "give a checkpoint written by vae-train (<run folder>/checkpoints/<file>.ckpt), or "
+        "evaluate=null not to time vae-evaluate"
+    )
+    ckpt = check_path("evaluate", value, "file", hint, must_exist=True)
+    run_config = ckpt.parent.parent / ".hydra" / "config.yaml"  # as evaluate.read_run_config
+    if not run_config.is_file():
+        raise ConfigError("evaluate", f"{ckpt} has no run config {run_config}: {hint}")
+    return ckpt
+
+
 def _check(cfg: DictConfig) -> None:
+    """Every option, before any timing: a mistake costs seconds, not a bench's minutes."""
     models = cfg.models
     if not isinstance(models, (list, ListConfig)) or not models or set(models) - set(DATA):
         raise ConfigError("models", f"must be a non-empty list of {', '.join(DATA)}, got {models}")
+    if len(set(models)) < len(models):
+        raise ConfigError("models", f"lists a model twice: {list(models)}; list each once")
     for key, minimum in (("repeats", 1), ("threads", 1), ("startup_repeats", 0)):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
-    if not isinstance(cfg.train, (list, ListConfig)):
-        raise ConfigError("train", f"must be a list of overrides, got {cfg.train!r}")
+    if not isinstance(cfg.seeds_loop, bool):
+        raise ConfigError("seeds_loop", f"must be true or false, got {cfg.seeds_loop!r}")
+    if not isinstance(cfg.train, (list, ListConfig)) or not all(
+        isinstance(o, str) for o in cfg.train
+    ):
+        raise ConfigError(
+            "train", f"must be a list of overrides, got {cfg.train!r}: e.g. train=\"['a.b=1']\""
+        )
+    check_path("data_dir", cfg.data_dir, "folder", "give the folder of the raw files (`make data`)")
+    check_path("out", cfg.out, "file", "give the file for the results, e.g. out=bench.json")
+    if cfg.evaluate is not None:
+        _check_evaluate(cfg.evaluate)
+    for name in models:  # the framework's config of each model composes and instantiates
+        try:
+            train_cfg = config.compose([*train_overrides(cfg, name), "paths.output_dir=unused"])
+        except HydraException as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError("train", f"holds an override vae-train refuses: {first}") from None
+        config.instantiate(train_cfg.model, "model")
+        config.instantiate(train_cfg.data, "data")
+
+
+def time_evaluate(ckpt: str, out: Path) -> float:
+    """Seconds of ``vae-evaluate ckpt=...`` at its defaults."""
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "vae_lightning.evaluate", f"ckpt={ckpt}"])
+    if result.returncode != 0:
+        raise ConfigError(
+            "evaluate", f"vae-evaluate ckpt={ckpt} failed with exit status {result.returncode} "
+            f"(its error is above); the other results are in {out}",
+        )  # fmt: skip
+    return time.perf_counter() - t0
 
 
 @config.tool_main("bench", doc=__doc__)
@@ -249,27 +306,31 @@ def main(cfg: DictConfig) -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "vae_lightning.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
     peak = sgemm_peak()
     log.info("sgemm peak: %.1f GFLOP/s with %d threads", peak, cfg.threads)
-    results = {name: bench_model(cfg, name, peak) for name in cfg.models}
-    data_dir = Path(cfg.data_dir).resolve()
-    startup = startup_seconds(data_dir, cfg.startup_repeats, list(cfg.train))
     summary: dict[str, Any] = {
+        "complete": False,
         "threads": cfg.threads,
         "repeats": cfg.repeats,
         "sgemm_peak_gflops": peak,
         "torch": torch.__version__,
-        "models": results,
-        "startup_s": startup,
-        "startup_s_median": statistics.median(startup) if startup else None,
+        "models": {},
+        "startup_s": None,
+        "startup_s_median": None,
     }
+    for name in cfg.models:
+        summary["models"][name] = bench_model(cfg, name, peak)
+        atomic_write_json(out, summary)  # a later failure keeps the models done
+        log.info("%s done, written to %s", name, out)
+    startup = startup_seconds(Path(cfg.data_dir).resolve(), cfg.startup_repeats, list(cfg.train))
+    summary["startup_s"] = startup
+    summary["startup_s_median"] = statistics.median(startup) if startup else None
+    atomic_write_json(out, summary)
     if cfg.evaluate:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "vae_lightning.evaluate", f"ckpt={cfg.evaluate}"], check=True
-        )
-        summary["evaluate_s"] = time.perf_counter() - t0
-    Path(cfg.out).write_text(json.dumps(summary, indent=2) + "\n")
+        summary["evaluate_s"] = time_evaluate(cfg.evaluate, out)
+    summary["complete"] = True
+    atomic_write_json(out, summary)
     log.info("\n".join(summary_lines(summary)))
 
 

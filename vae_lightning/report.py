@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError
+from vae_lightning.errors import ConfigError, check_path
 from vae_lightning.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -602,21 +602,28 @@ def write_report(root: Path, out_dir: Path | None = None) -> Path:
 def main(cfg: DictConfig) -> None:
     """vae-report dir=DIR [out=OUT]: aggregate every run folder below DIR (folders with
     metrics.json) into REPORT.md, summary.csv and plots, written to OUT (default DIR)."""
-    if not cfg.dir:
+    if cfg.dir is None or cfg.dir == "":
         raise ConfigError(
             "dir", "is required: a folder holding run folders, e.g. vae-report dir=outputs/<task>"
         )
-    root = Path(cfg.dir)
-    if not root.is_dir():
-        raise ConfigError(
-            "dir",
-            f"{root} does not exist or is not a folder: expected a folder holding run folders "
-            f"(folders with metrics.json); {NO_RUNS_HINT}",
-        )
+    hint = f"expected a folder holding run folders (folders with metrics.json); {NO_RUNS_HINT}"
+    root = check_path("dir", cfg.dir, "folder", hint, must_exist=True)
+    out = None
+    if cfg.out is not None:
+        out = check_path(
+            "out", cfg.out, "folder", "give the folder for REPORT.md, summary.csv and the plots "
+            "(created when missing), or out=null to write into dir",
+        )  # fmt: skip
     try:
-        report = write_report(root, Path(cfg.out) if cfg.out else None)
-    except FileNotFoundError as err:
-        raise ConfigError("dir", f"holds {err}") from None
+        report = write_report(root, out)
+    except OSError as err:
+        if err.errno is None:  # write_report's own: no run folder below root
+            raise ConfigError("dir", f"holds {err}") from None
+        raise ConfigError(  # creating or writing the output folder
+            "out" if out else "dir",
+            f"{out or root} cannot be written ({err.strerror or err}): give out= a folder you "
+            "can write to",
+        ) from None
     log.info("report written: %s", report)
 
 
