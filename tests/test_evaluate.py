@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,8 @@ from vae_lightning.fid import (
 from vae_lightning.losses import recon_bce
 from vae_lightning.metrics import iwae_bound
 from vae_lightning.train import train
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -247,12 +254,12 @@ def test_feature_classifier_learns():
     assert clf.features(vx[:5].float() / 255).shape == (5, clf.feature_dim)
 
 
-def test_classifier_is_trained_once_cached_and_retrained_when_asked_otherwise(
-    tmp_path, monkeypatch
-):
+def test_classifier_is_trained_once_cached_and_replaced_only_when_asked(tmp_path, monkeypatch):
     splits = _splits()
+    # min_accuracy=0: 3 steps on the synthetic images stay near chance (the floor's own tests
+    # are below)
     clf, acc = load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu"
+        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0
     )
     assert acc == classifier_accuracy(clf, splits[2], splits[3])
     weights, record = tmp_path / "classifiers" / "mnist.pt", tmp_path / "classifiers" / "mnist.json"
@@ -270,14 +277,88 @@ def test_classifier_is_trained_once_cached_and_retrained_when_asked_otherwise(
         lambda *a, **kw: calls.append(kw) or real_train(*a, **kw),
     )
     again, acc2 = load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu"
+        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0
     )
     assert calls == [] and acc2 == acc
     for p, q in zip(clf.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)
-    load_or_train_classifier("mnist", tmp_path, *splits, epochs=1, max_steps=2, device="cpu")
+
+    # asked otherwise: an error naming the setting and retrain_classifier; the cache untouched
+    cached = weights.read_bytes(), record.read_text()
+    with pytest.raises(ConfigError) as err:
+        load_or_train_classifier(
+            "mnist", tmp_path, *splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0
+        )
+    assert str(err.value) == (
+        f"classifier_max_steps is 2, but the cached FID classifier {weights} was trained with "
+        "classifier_epochs=1, classifier_max_steps=3 (asked: classifier_epochs=1, "
+        "classifier_max_steps=2). Pass retrain_classifier=true to replace it (later evaluations "
+        "on mnist then use the new one), or classifier_epochs=1 classifier_max_steps=3 to use it"
+    )
+    # other images than it was trained on: the same
+    other = [splits[0].flip(0), *splits[1:]]
+    with pytest.raises(DataError, match=r"trained on other mnist image files .* retrain_classif"):
+        load_or_train_classifier("mnist", tmp_path, *other, epochs=1, max_steps=3, min_accuracy=0)
+    assert calls == [] and (weights.read_bytes(), record.read_text()) == cached
+
+    # retrain=True replaces it
+    load_or_train_classifier(
+        "mnist", tmp_path, *splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0,
+        retrain=True,
+    )  # fmt: skip
     assert len(calls) == 1 and calls[0]["max_steps"] == 2
     assert json.loads(record.read_text())["max_steps"] == 2
+
+
+def test_a_classifier_below_the_accuracy_floor_is_refused_and_not_cached(tmp_path):
+    splits = _splits()
+    folder = tmp_path / "classifiers"
+    # new, with no cache: refused, nothing written
+    with pytest.raises(DataError) as err:
+        load_or_train_classifier("mnist", tmp_path, *splits, epochs=1, max_steps=1, device="cpu")
+    assert re.fullmatch(
+        r"the FID classifier just trained on mnist \(classifier_epochs=1, classifier_max_steps=1\) "
+        r"reaches 0\.\d{4} test accuracy, below classifier_min_accuracy=0\.8: its features would "
+        r"make gen/fid meaningless, so no FID was computed, and nothing was cached\. Train it "
+        r"longer \(more classifier_epochs, classifier_max_steps=null\), or lower "
+        r"classifier_min_accuracy for images that cannot be classified better",
+        str(err.value),
+    ), str(err.value)
+    assert sorted(p.name for p in folder.iterdir()) == [".mnist.lock"]
+
+    # cached (under a floor of 0), then asked for with the default floor: refused, kept
+    _, acc = load_or_train_classifier(
+        "mnist", tmp_path, *splits, epochs=1, max_steps=5, device="cpu", min_accuracy=0
+    )
+    assert acc < fid.CLASSIFIER_MIN_ACCURACY
+    cached = (folder / "mnist.pt").read_bytes()
+    with pytest.raises(DataError) as err:
+        load_or_train_classifier("mnist", tmp_path, *splits, epochs=1, max_steps=5, device="cpu")
+    assert str(err.value) == (
+        f"the cached FID classifier {folder / 'mnist.pt'} reaches {acc:.4f} test accuracy, below "
+        "classifier_min_accuracy=0.8: its features would make gen/fid meaningless, so no FID was "
+        "computed. Replace it: retrain_classifier=true, with enough training (more "
+        "classifier_epochs, classifier_max_steps=null)"
+    )
+    # retrained, still below: the cached one is kept
+    with pytest.raises(DataError, match=f"the cached one in {re.escape(str(folder))}.* was kept"):
+        load_or_train_classifier(
+            "mnist", tmp_path, *splits, epochs=1, max_steps=1, device="cpu", retrain=True
+        )
+    assert (folder / "mnist.pt").read_bytes() == cached
+
+
+def test_an_unreadable_classifier_cache_is_an_error_not_overwritten(tmp_path):
+    folder = tmp_path / "classifiers"
+    folder.mkdir()
+    (folder / "mnist.pt").write_bytes(b"not a zip")
+    with pytest.raises(DataError) as err:
+        load_or_train_classifier("mnist", tmp_path, *_splits(), epochs=1, max_steps=1)
+    assert str(err.value).startswith(f"{folder / 'mnist.pt'} is truncated or not a checkpoint")
+    assert str(err.value).endswith(
+        "Pass retrain_classifier=true to replace it with a newly trained one."
+    )
+    assert (folder / "mnist.pt").read_bytes() == b"not a zip"
 
 
 # --- the evaluator on checkpoints of tiny real runs ---------------------------------------------
@@ -325,7 +406,14 @@ def conv_run(tmp_path_factory, data_dir) -> Path:
     )
 
 
-FAST = {"classifier_epochs": 1, "classifier_max_steps": 5, "device": "cpu", "batch_size": 64}
+# classifier_min_accuracy=0: 5 steps on the synthetic images stay far below the real floor
+FAST = {
+    "classifier_epochs": 1,
+    "classifier_max_steps": 5,
+    "classifier_min_accuracy": 0.0,
+    "device": "cpu",
+    "batch_size": 64,
+}
 
 
 def test_evaluate_a_vae_checkpoint(vae_run):
@@ -428,7 +516,10 @@ def test_cli_writes_eval_json_and_rejects_bad_settings(vae_run, capsys):
     assert main([f"ckpt={ckpt}", "probes=maybe"]) == 2
     assert "probes must be true or false, got 'maybe'" in error_line(capsys)
     assert main([f"ckpt={ckpt}", "device=nodevice"]) == 2
-    assert error_line(capsys).startswith("error: device cannot be used here: 'nodevice'")
+    assert error_line(capsys) == (
+        "error: device must be one of cpu, cuda, cuda:<index>, mps, or null (CUDA when "
+        "available, else the CPU); got 'nodevice'\n"
+    )
     assert main(["k=3"]) == 2
     assert "ckpt is required" in error_line(capsys)
     assert main([f"ckpt={vae_run / 'nonexistent.ckpt'}"]) == 2
@@ -458,6 +549,7 @@ def test_cli_writes_nothing_but_its_files(vae_run, tmp_path, monkeypatch):
 def test_cli_trains_the_classifiers_ahead_of_time(tmp_path, capsys):
     data = write_synthetic(tmp_path / "data")
     args = ["classifiers=true", f"data_dir={data}", "classifier_epochs=1", "classifier_max_steps=2"]
+    args.append("classifier_min_accuracy=0")  # 2 steps: near chance
     # the synthetic files are not the official ones: verification names the first it checks
     assert main(args) == 2 and "train-images-idx3-ubyte" in error_line(capsys)
     assert main([*args, "verify=false", "device=cpu"]) == 0
@@ -513,7 +605,7 @@ def test_refuses_a_checkpoint_holding_arbitrary_objects(vae_run):
     checkpoint["extra"] = NotAllowed()
     unsafe = vae_run / "checkpoints" / "unsafe.ckpt"
     torch.save(checkpoint, unsafe)
-    with pytest.raises(DataError, match=r"holds a .*NotAllowed object.*refusing to unpickle"):
+    with pytest.raises(DataError, match=r"not loaded: it holds a .*NotAllowed object.*could run"):
         evaluate(unsafe, **FAST)
 
 
@@ -531,3 +623,135 @@ def test_never_instantiates_targets_from_the_run_config(tmp_path, vae_run):
     with pytest.raises(ConfigError, match=r"data._target_ .* evaluate takes only"):
         evaluate(run / "checkpoints" / "last.ckpt", **FAST)
     assert not marker.exists()
+
+
+# --- the real command line in a subprocess: one line, exit 2, nothing written --------------------
+
+
+def run_evaluate(*args: str) -> str:
+    """``vae-evaluate`` in a subprocess that must fail as a user error: its one error line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vae_lightning.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = result.stderr
+    assert result.returncode == 2, (result.returncode, err[-3000:])
+    # the last line is the error; any before it are the tool's own INFO log lines
+    *logged, last = err.splitlines()
+    assert last.startswith("error: ") and err.endswith("\n"), err
+    assert all(re.match(r"\[[^]]+\]\[[\w.]+\]\[INFO\] - ", line) for line in logged), err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return last[len("error: ") :]
+
+
+@pytest.fixture
+def cached_classifier(tmp_path) -> tuple[Path, bytes]:
+    """A data folder whose MNIST FID classifier is cached (5 steps: far below the floor)."""
+    from vae_lightning.evaluate import prepare_classifiers
+
+    data = write_synthetic(tmp_path / "data")
+    prepare_classifiers(
+        data, "mnist", classifier_epochs=1, classifier_max_steps=5, device="cpu", verify=False,
+        classifier_min_accuracy=0,
+    )  # fmt: skip
+    return data, (data / "classifiers" / "mnist.pt").read_bytes()
+
+
+@pytest.mark.slow  # four runs of the command line, each importing torch and Lightning
+def test_cli_never_replaces_the_cached_classifier_unasked(vae_run, cached_classifier):
+    data, cached = cached_classifier
+    weights = data / "classifiers" / "mnist.pt"
+    accuracy = torch.load(weights, weights_only=True)["record"]["test_accuracy"]
+    assert accuracy < fid.CLASSIFIER_MIN_ACCURACY
+    ckpt = vae_run / "checkpoints" / "last.ckpt"
+    (vae_run / "eval.json").unlink(missing_ok=True)
+    shutil.rmtree(vae_run / "eval", ignore_errors=True)  # earlier tests' grids
+    common = [f"ckpt={ckpt}", f"data_dir={data}", "device=cpu", "k=0", "batch_size=64"]
+    # the issue's command: refused before any work
+    message = run_evaluate(*common, "classifier_epochs=0")
+    assert message == "classifier_epochs must be an integer >= 1, got 0"
+    # settings other than the cache's
+    message = run_evaluate(*common, "classifier_epochs=1", "classifier_max_steps=1")
+    assert message.startswith(f"classifier_max_steps is 1, but the cached FID classifier {weights}")
+    assert "Pass retrain_classifier=true to replace it" in message
+    # the cache's settings, but it is below the floor
+    message = run_evaluate(*common, "classifier_epochs=1", "classifier_max_steps=5")
+    assert message == (
+        f"the cached FID classifier {weights} reaches {accuracy:.4f} test accuracy, below "
+        "classifier_min_accuracy=0.8: its features would make gen/fid meaningless, so no FID was "
+        "computed. Replace it: retrain_classifier=true, with enough training (more "
+        "classifier_epochs, classifier_max_steps=null)"
+    )
+    # retrained as asked, to a classifier near chance: refused, the cache kept
+    message = run_evaluate(
+        *common, "retrain_classifier=true", "classifier_epochs=1", "classifier_max_steps=1"
+    )
+    assert message.startswith(
+        "the FID classifier just trained on mnist (classifier_epochs=1, classifier_max_steps=1) "
+        "reaches 0."
+    )
+    assert message.endswith(
+        f"so no FID was computed, and the cached one in {weights} was kept. Train it longer (more "
+        "classifier_epochs, classifier_max_steps=null), or lower classifier_min_accuracy for "
+        "images that cannot be classified better"
+    )
+    assert weights.read_bytes() == cached
+    assert not (vae_run / "eval.json").exists() and not (vae_run / "eval").exists()
+
+
+def test_cli_refuses_a_device_it_does_not_have_before_loading(tmp_path):
+    missing = tmp_path / "missing.ckpt"  # never reached: the device is checked first
+    message = run_evaluate(f"ckpt={missing}", "device=gpu0")
+    assert message == (
+        "device must be one of cpu, cuda, cuda:<index>, mps, or null (CUDA when available, "
+        "else the CPU); got 'gpu0'"
+    )
+    if torch.cuda.is_available():
+        return
+    message = run_evaluate(f"ckpt={missing}", "device=cuda")
+    assert message == (
+        "device is 'cuda', but no CUDA device is available here: use device=cpu, or leave "
+        "device unset (CUDA when available, else the CPU)"
+    )
+
+
+class RunsCode:
+    """Unpickling it would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+ADVICE = (
+    "Use another checkpoint written by vae_lightning, e.g. <run folder>/checkpoints/last.ckpt "
+    "or best-*.ckpt"
+)
+
+
+def test_cli_tells_a_checkpoint_that_would_run_code_from_a_damaged_one(tmp_path):
+    real = FIXTURES / "vae.ckpt"
+    marker = tmp_path / "code_ran"
+    checkpoint = torch.load(real, weights_only=True)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({**checkpoint, "extra": RunsCode(marker)}, evil)
+    message = run_evaluate(f"ckpt={evil}", "device=cpu")
+    assert message == (
+        f"{evil} was not loaded: it holds a posix.system object, not only tensors and plain "
+        f"containers, and unpickling it could run code. {ADVICE}"
+    )
+    assert not marker.exists()
+
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(random.Random(0).randbytes(4096))
+    for path in (truncated, noise):
+        assert run_evaluate(f"ckpt={path}", "device=cpu") == (
+            f"{path} is truncated or not a checkpoint (not a zip archive, as torch.save writes). "
+            f"{ADVICE}"
+        )

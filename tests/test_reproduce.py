@@ -5,18 +5,23 @@ import re
 
 import pytest
 
-from tests.conftest import N_TEST
+from tests.conftest import N_TEST, write_synthetic
 from vae_lightning.reproduce import main
 
 
 @pytest.mark.slow
-def test_reproduce_quick_end_to_end(data_dir, tmp_path):
+def test_reproduce_quick_end_to_end(tmp_path):
+    # a data folder of its own: the session's may hold an FID classifier cached by other tests
+    # with other settings, which evaluate refuses rather than silently reuse
+    data_dir = write_synthetic(tmp_path / "data")
     out = tmp_path / "reproduce"
     train = ["data.verify=false", "data.download=false", "trainer.accelerator=cpu",
              "callbacks.latent_probe.max_train=200"]  # fmt: skip
     args = [
         "quick=true", f"out={out}", f"data_dir={data_dir}", "k=4", "n_fid=64",
-        "classifier_max_steps=5", "train=[" + ",".join(f"'{o}'" for o in train) + "]",
+        # 5 classifier steps on synthetic images stay near chance: no accuracy floor here
+        "classifier_max_steps=5", "classifier_min_accuracy=0",
+        "train=[" + ",".join(f"'{o}'" for o in train) + "]",
     ]  # fmt: skip
     assert main(args) == 0
     report = (out / "REPORT.md").read_text()
@@ -82,6 +87,7 @@ def test_reproduce_quick_end_to_end(data_dir, tmp_path):
         (["n_fid=-1"], "error: n_fid must be >= 0"),
         (["quick=true", "k=0"], "error: k must be at least 1"),
         (["classifier_max_steps=0"], "error: classifier_max_steps must be"),
+        (["classifier_min_accuracy=1.5"], "error: classifier_min_accuracy must be a test accuracy"),
         (["train=3"], "error: train must be a list of strings"),
         (["--quick"], "error: --quick is not an option"),
     ],

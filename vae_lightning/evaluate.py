@@ -8,7 +8,8 @@ On the test set: ``test/loss``, ``test/recon``, ``test/kl``, ``test/mse`` (``mod
 training definitions), ``test/nll_iw`` (the importance-weighted bound, ``k`` samples),
 ``test/active_units`` and the KL per latent dimension; ``gen/fid`` between ``n_fid`` samples and
 as many test images in the features of a classifier trained on the same dataset (cached under
-``<data_dir>/classifiers/``), ``gen/fid_train_test`` (training against test images: a perfect
+``<data_dir>/classifiers/``, replaced only with ``retrain_classifier=true``, and refused below
+``classifier_min_accuracy``), ``gen/fid_train_test`` (training against test images: a perfect
 generator's floor); with ``probes=true``, the latent probes. Writes only ``<run folder>/eval.json``
 and the grids in ``<run folder>/eval/``.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +38,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning import checkpoints, config
-from vae_lightning.errors import ConfigError, check_choice, check_int
+from vae_lightning.errors import ConfigError, check_choice, check_float, check_int
+from vae_lightning.fid import CLASSIFIER_MIN_ACCURACY
 from vae_lightning.files import atomic_write_json
 
 if TYPE_CHECKING:
@@ -63,33 +66,53 @@ LIKELIHOOD = {
 MINIMUM = {"k": 0, "chunk": 1, "n_fid": 0, "batch_size": 1, "classifier_epochs": 1}
 MINIMUM |= {"classifier_max_steps": 1, "probe_max_train": 0}
 OPTIONAL = ("classifier_max_steps", "probe_max_train")
-FLAGS = ("probes", "verify", "classifiers")
+FLAGS = ("probes", "verify", "classifiers", "retrain_classifier")
+DEVICES = "cpu, cuda, cuda:<index>, mps, or null (CUDA when available, else the CPU)"
 
 
 # --- the settings --------------------------------------------------------------------------------
 
 
 def check_settings(settings: dict[str, Any]) -> None:
-    """A ConfigError naming the first of the tool's settings with a bad type or value."""
+    """A ConfigError naming the first of the tool's settings with a bad type or value, or a
+    device this machine does not have: all before anything is loaded or trained."""
     for key, value in settings.items():
         if key in MINIMUM and not (value is None and key in OPTIONAL):
             check_int(key, value, MINIMUM[key])
         elif key in FLAGS and not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, got {value!r}")
+        elif key == "classifier_min_accuracy":
+            if check_float(key, value, 0.0) > 1:
+                raise ConfigError(key, f"must be a test accuracy in [0, 1], got {value!r}")
         elif key == "datasets":
             for name in [value] if isinstance(value, str) else value:
                 check_choice(key, name, tuple(DATA_CLASSES.values()))
+        elif key == "device":
+            _device(value)
 
 
 def _device(device: str | None) -> torch.device:
-    """``device``, checked to work here; default: CUDA when available, else the CPU."""
-    if not device:
+    """``device``, checked to exist here; default (null): CUDA when available, else the CPU."""
+    if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as err:
-        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
-        raise ConfigError("device", f"cannot be used here: {device!r} ({reason})") from None
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError("device", f"must be one of {DEVICES}; got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device",
+                f"is {device!r}, but no CUDA device is available here: use device=cpu, or leave "
+                f"device unset (CUDA when available, else the CPU)",
+            )
+        count, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(
+                "device",
+                f"is {device!r}, but this machine has {count} CUDA device(s): "
+                f"use one of cuda:0 to cuda:{count - 1}",
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "is 'mps', but no MPS device is available here: use device=cpu")
     return torch.device(device)
 
 
@@ -310,11 +333,23 @@ def grids(subject: Subject, x: torch.Tensor) -> dict[str, str]:
     }
 
 
+@dataclass
+class FIDClassifier:
+    """A dataset's FID classifier, its test accuracy, and the grey training and test images
+    (uint8 (N, 1, 28, 28)) it was trained and tested on."""
+
+    model: Any  # fid.FeatureClassifier
+    accuracy: float
+    train: torch.Tensor
+    test: torch.Tensor
+
+
 def classifier_of(
-    dataset: str, data_dir: Path, epochs: int, max_steps: int | None, device: torch.device
-) -> tuple[Any, float, torch.Tensor, torch.Tensor]:
-    """The dataset's FID classifier (trained once, then cached) and its test accuracy, with the
-    grey training and test images (uint8 (N, 1, 28, 28)) it was trained and tested on."""
+    dataset: str, data_dir: Path, device: torch.device, **settings: Any
+) -> FIDClassifier:
+    """The dataset's FID classifier: trained once, then cached; ``settings`` are
+    ``fid.load_or_train_classifier``'s ``epochs``, ``max_steps``, ``retrain`` and
+    ``min_accuracy`` (a cache trained otherwise, or a classifier below the floor, is refused)."""
     from vae_lightning.data import load_split
     from vae_lightning.fid import load_or_train_classifier
     from vae_lightning.sources import get_spec
@@ -323,13 +358,13 @@ def classifier_of(
     (train, train_labels), (test, test_labels) = load_split(raw, "train"), load_split(raw, "test")
     classifier, accuracy = load_or_train_classifier(
         dataset, Path(data_dir), train, train_labels, test, test_labels,
-        epochs=epochs, seed=CLASSIFIER_SEED, max_steps=max_steps, device=device,
+        seed=CLASSIFIER_SEED, device=device, **settings,
     )  # fmt: skip
-    return classifier, accuracy, train, test
+    return FIDClassifier(classifier, accuracy, train, test)
 
 
 def frechet_distances(
-    subject: Subject, n_fid: int, batch_size: int, epochs: int, max_steps: int | None
+    subject: Subject, fid_classifier: FIDClassifier, n_fid: int, batch_size: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """gen/fid (samples vs test images) and gen/fid_train_test (the floor)."""
     from vae_lightning.fid import frechet_distance
@@ -337,9 +372,8 @@ def frechet_distances(
     model, dm, seed = subject.model, subject.dm, subject.seed
     # The classifier and the distances see grey images (the raw files), whatever the run's
     # binarization; samples are the decoder's pixel means.
-    classifier, accuracy, train_grey, test_grey = classifier_of(
-        dm.dataset_name, dm.data_dir, epochs, max_steps, subject.device
-    )
+    classifier, accuracy = fid_classifier.model, fid_classifier.accuracy
+    train_grey, test_grey = fid_classifier.train, fid_classifier.test
     n = min(n_fid, len(test_grey))
     real = _subset(test_grey, n, seed)
     generator = torch.Generator(device=subject.device).manual_seed(seed + 1)
@@ -431,12 +465,16 @@ def evaluate(
     device: str | None = None,
     classifier_epochs: int = 4,
     classifier_max_steps: int | None = None,
+    retrain_classifier: bool = False,
+    classifier_min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
     probe_max_train: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's test set; write ``eval.json`` and grids; return it.
 
     ``ckpt`` is ``<run folder>/checkpoints/<file>.ckpt`` of a run of vae_lightning.train; the
-    other settings are described in ``conf/evaluate.yaml``.
+    other settings are described in ``conf/evaluate.yaml``. Every setting is checked before
+    anything is loaded, and the FID classifier is obtained (or refused) before any measurement:
+    an error leaves nothing written.
     """
     import lightning as L
 
@@ -446,6 +484,13 @@ def evaluate(
     L.seed_everything(subject.seed, verbose=False)
     x = load_test_images(subject.dm, subject.seed)
     result, metrics, seconds = _header(subject, len(x)), {}, {}
+    if n_fid > 0:  # its training forks the RNG: the measurements below are as without it
+        with _timed(seconds, "classifier"):
+            fid_classifier = classifier_of(
+                subject.dm.dataset_name, subject.dm.data_dir, subject.device,
+                epochs=classifier_epochs, max_steps=classifier_max_steps,
+                retrain=retrain_classifier, min_accuracy=classifier_min_accuracy,
+            )  # fmt: skip
     with _timed(seconds, "terms"):
         found, latent = mean_terms(subject.model, x, batch_size)
     metrics.update(found)
@@ -459,9 +504,7 @@ def evaluate(
     result["images"] = grids(subject, x)
     if n_fid > 0:
         with _timed(seconds, "fid"):
-            found, result["fid"] = frechet_distances(
-                subject, n_fid, batch_size, classifier_epochs, classifier_max_steps
-            )
+            found, result["fid"] = frechet_distances(subject, fid_classifier, n_fid, batch_size)
         metrics.update(found)
     if probes:
         with _timed(seconds, "probes"):
@@ -480,22 +523,26 @@ def prepare_classifiers(
     datasets: Sequence[str] = tuple(DATA_CLASSES.values()),
     classifier_epochs: int = 4,
     classifier_max_steps: int | None = None,
+    retrain_classifier: bool = False,
+    classifier_min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
     device: str | None = None,
     verify: bool = True,
 ) -> dict[str, float]:
     """Train (or load from the cache) the FID classifier of each dataset; its test accuracy.
 
     Missing raw files are fetched first (``sources.ensure_dataset``; md5-checked when
-    ``verify``)."""
+    ``verify``). A cache trained otherwise, or a classifier below ``classifier_min_accuracy``,
+    is an error (``fid.load_or_train_classifier``)."""
     from vae_lightning.sources import ensure_dataset
 
     check_settings(locals())
     dev, accuracy = _device(device), {}
     for name in [datasets] if isinstance(datasets, str) else datasets:
         ensure_dataset(name, Path(data_dir), verify=verify)
-        _, accuracy[name], *_ = classifier_of(
-            name, Path(data_dir), classifier_epochs, classifier_max_steps, dev
-        )
+        accuracy[name] = classifier_of(
+            name, Path(data_dir), dev, epochs=classifier_epochs, max_steps=classifier_max_steps,
+            retrain=retrain_classifier, min_accuracy=classifier_min_accuracy,
+        ).accuracy  # fmt: skip
         log.info("classifier %s: test accuracy %.4f", name, accuracy[name])
     return accuracy
 

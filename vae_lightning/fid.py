@@ -20,15 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vae_lightning.checkpoints import load_weights_only, torch_reason
 from vae_lightning.data import to_unit_float
+from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.files import atomic_write, file_lock
 from vae_lightning.views import eval_mode
 
 log = logging.getLogger(__name__)
 
 # Bump when FeatureClassifier or its training changes: cached weights of another version are
-# retrained rather than silently reused.
+# refused (retrain_classifier=true replaces them) rather than silently reused.
 CLASSIFIER_VERSION = 1
+# The lowest held-out test accuracy an FID classifier may have (vae-evaluate's
+# classifier_min_accuracy). Its features define gen/fid: a classifier near chance (0.10) gives
+# small, confident and meaningless distances. Trained for the default 4 epochs on the CPU, the
+# classifiers reached 0.993 (MNIST) and 0.914 (Fashion-MNIST); the floor is well below both and
+# far above chance.
+CLASSIFIER_MIN_ACCURACY = 0.80
+# the vae-evaluate settings that a cached classifier's record holds under another name
+SETTINGS = {"epochs": "classifier_epochs", "max_steps": "classifier_max_steps"}
 
 
 class FeatureClassifier(nn.Module):
@@ -155,36 +165,80 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _setting(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _read_cache(weights: Path, device: torch.device) -> tuple[dict, dict]:
+    """The cached classifier's record and weights, or a DataError saying how to replace them."""
+    replace = "Pass retrain_classifier=true to replace it with a newly trained one."
+    saved = load_weights_only(weights, advice=replace, map_location=device)
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("record"), dict)
+        and isinstance(saved.get("state_dict"), dict)
+    ):
+        raise DataError(f"{weights} is not a cached FID classifier (no record). {replace}")
+    return saved["record"], saved["state_dict"]
+
+
+def _check_record(weights: Path, record: dict, wanted: dict) -> None:
+    """Refuse a cached classifier trained otherwise than ``wanted`` asks: replacing it changes
+    every later evaluation's FID, so only ``retrain_classifier=true`` does."""
+    differ = [key for key, value in wanted.items() if record.get(key) != value]
+    settings = [key for key in differ if key in SETTINGS]
+    if settings:
+        had = ", ".join(f"{SETTINGS[k]}={_setting(record.get(k))}" for k in SETTINGS)
+        asked = ", ".join(f"{SETTINGS[k]}={_setting(wanted[k])}" for k in SETTINGS)
+        raise ConfigError(
+            SETTINGS[settings[0]],
+            f"is {_setting(wanted[settings[0]])}, but the cached FID classifier {weights} was "
+            f"trained with {had} (asked: {asked}). Pass retrain_classifier=true to replace it "
+            f"(later evaluations on {wanted['dataset']} then use the new one), or "
+            f"{had.replace(',', '')} to use it",
+        )
+    if differ:
+        why = {
+            "data_sha1": f"on other {wanted['dataset']} image files than the ones there now",
+            "version": f"by classifier version {record.get('version')}, not {CLASSIFIER_VERSION}",
+        }
+        reasons = [why.get(k, f"with {k}={record.get(k)!r}, not {wanted[k]!r}") for k in differ]
+        raise DataError(
+            f"the cached FID classifier {weights} was trained {' and '.join(reasons)}; it was "
+            f"left as it is. Pass retrain_classifier=true to replace it"
+        )
+
+
 def _cached_classifier(
     weights: Path, wanted: dict, device: torch.device
 ) -> tuple[FeatureClassifier, float] | None:
-    """The cached classifier and its test accuracy when its record matches ``wanted``."""
+    """The cached classifier and its test accuracy; None when there is none; an error when it
+    cannot be read or was trained otherwise than ``wanted`` asks."""
     if not weights.is_file():
         return None
+    record, state = _read_cache(weights, device)
+    _check_record(weights, record, wanted)
     try:
-        saved = torch.load(weights, map_location=device, weights_only=True)
-        record = saved["record"]
-        if all(record.get(key) == value for key, value in wanted.items()):
-            model = FeatureClassifier(num_classes=int(record["num_classes"]))
-            model.load_state_dict(saved["state_dict"])
-            log.info("classifier: %s (test accuracy %.4f)", weights, record["test_accuracy"])
-            return model.to(device).eval(), float(record["test_accuracy"])
-        log.info("classifier: %s was trained differently; retraining", weights)
-    except Exception as err:  # unreadable or of another layout: retrain over it
-        log.warning("classifier: cannot use %s (%s); retraining", weights, err)
-    return None
+        model = FeatureClassifier(num_classes=int(record["num_classes"]))
+        model.load_state_dict(state)
+        accuracy = float(record["test_accuracy"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise DataError(
+            f"{weights} does not hold a FeatureClassifier ({torch_reason(err)}). Pass "
+            f"retrain_classifier=true to replace it with a newly trained one."
+        ) from None
+    log.info("classifier: %s (test accuracy %.4f)", weights, accuracy)
+    return model.to(device).eval(), accuracy
 
 
-def _train_and_cache(
+def _train(
     wanted: dict,
-    weights: Path,
-    record_path: Path,
     device: torch.device,
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     **train_kwargs: Any,
-) -> tuple[FeatureClassifier, float]:
-    """Train the classifier, measure it on the test set, and write both cache files."""
+) -> tuple[FeatureClassifier, dict[str, Any]]:
+    """Train the classifier and measure it on the test set: the model and its record."""
     (train_images, train_labels), (test_images, test_labels) = train, test
     t0 = time.perf_counter()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -197,7 +251,8 @@ def _train_and_cache(
     )
     seconds = time.perf_counter() - t0
     accuracy = classifier_accuracy(model, test_images, test_labels)
-    record = {
+    log.info("classifier: trained in %.1f s, test accuracy %.4f", seconds, accuracy)
+    return model, {
         **wanted,
         "num_classes": num_classes,
         "test_accuracy": accuracy,
@@ -206,11 +261,37 @@ def _train_and_cache(
         "train_seconds": seconds,
         "device": str(device),
     }
+
+
+def _write_cache(model: FeatureClassifier, record: dict, weights: Path, record_path: Path) -> None:
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_write(weights, lambda p: torch.save({"state_dict": state, "record": record}, p))
     atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-    log.info("classifier: trained in %.1f s, test accuracy %.4f -> %s", seconds, accuracy, weights)
-    return model, accuracy
+    log.info("classifier: cached in %s", weights)
+
+
+def _check_accuracy(
+    accuracy: float, min_accuracy: float, weights: Path, record: dict, fresh: bool
+) -> None:
+    """Refuse a classifier below the floor: its features would make gen/fid meaningless."""
+    if accuracy >= min_accuracy:
+        return
+    below = (
+        f"reaches {accuracy:.4f} test accuracy, below classifier_min_accuracy={min_accuracy}: "
+        f"its features would make gen/fid meaningless, so no FID was computed"
+    )
+    if not fresh:
+        raise DataError(
+            f"the cached FID classifier {weights} {below}. Replace it: retrain_classifier=true, "
+            f"with enough training (more classifier_epochs, classifier_max_steps=null)"
+        )
+    kept = f"the cached one in {weights} was kept" if weights.is_file() else "nothing was cached"
+    raise DataError(
+        f"the FID classifier just trained on {record['dataset']} (classifier_epochs="
+        f"{record['epochs']}, classifier_max_steps={_setting(record['max_steps'])}) {below}, "
+        f"and {kept}. Train it longer (more classifier_epochs, classifier_max_steps=null), or "
+        f"lower classifier_min_accuracy for images that cannot be classified better"
+    )
 
 
 def load_or_train_classifier(
@@ -224,15 +305,23 @@ def load_or_train_classifier(
     seed: int = 0,
     max_steps: int | None = None,
     device: str | torch.device | None = None,
+    retrain: bool = False,
+    min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
 ) -> tuple[FeatureClassifier, float]:
     """The dataset's FeatureClassifier and its test accuracy, trained once and cached.
 
     Cached under ``<data_dir>/classifiers/<dataset_name>.pt`` (weights and a record, loaded with
-    ``weights_only=True``) with a readable copy of the record in ``<dataset_name>.json``. The
-    cache is used only when its record matches this request (classifier version, epochs,
-    max_steps, seed and a fingerprint of the images and labels); otherwise the classifier is
-    retrained and the files replaced atomically. A file lock keeps parallel evaluations from
-    training it twice.
+    ``weights_only=True``) with a readable copy of the record in ``<dataset_name>.json``. When
+    there is no cache, the classifier is trained and cached. A cache is used only when its
+    record matches this request (classifier version, epochs, max_steps, seed and a fingerprint
+    of the images and labels); one that does not, or cannot be read, is an error and is left as
+    it is: every later evaluation measures FID with it, so only ``retrain`` (vae-evaluate's
+    ``retrain_classifier=true``) trains a new one and replaces the files (atomically).
+
+    A classifier, cached or new, whose test accuracy is below ``min_accuracy``
+    (``classifier_min_accuracy``; default ``CLASSIFIER_MIN_ACCURACY``) is refused with a
+    DataError, and a new one is then not cached. Errors name vae-evaluate's settings. A file
+    lock keeps parallel evaluations from training it twice.
     """
     device = torch.device(device) if device is not None else _default_device()
     folder = Path(data_dir) / "classifiers"
@@ -247,13 +336,17 @@ def load_or_train_classifier(
         "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
     }
     with file_lock(folder / f".{dataset_name}.lock"):
-        cached = _cached_classifier(weights, wanted, device)
+        cached = None if retrain else _cached_classifier(weights, wanted, device)
         if cached is not None:
+            _check_accuracy(cached[1], min_accuracy, weights, wanted, fresh=False)
             return cached
-        return _train_and_cache(
-            wanted, weights, record_path, device, (train_images, train_labels),
-            (test_images, test_labels), epochs=epochs, seed=seed, max_steps=max_steps,
+        model, record = _train(
+            wanted, device, (train_images, train_labels), (test_images, test_labels),
+            epochs=epochs, seed=seed, max_steps=max_steps,
         )  # fmt: skip
+        _check_accuracy(record["test_accuracy"], min_accuracy, weights, record, fresh=True)
+        _write_cache(model, record, weights, record_path)
+        return model, record["test_accuracy"]
 
 
 class ClassifierFeatures(nn.Module):

@@ -602,7 +602,14 @@ def check(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
     _count("n_fid", n_fid, 0, ">= 0 (0 skips FID)")
     if cfg.classifier_max_steps is not None:
         _count("classifier_max_steps", cfg.classifier_max_steps, 1, "an integer >= 1 or null")
-    return names, {"k": k, "n_fid": n_fid, "classifier_max_steps": cfg.classifier_max_steps}
+    from vae_lightning.evaluate import check_settings
+
+    floor = cfg.classifier_min_accuracy
+    check_settings({"classifier_min_accuracy": floor})  # evaluate's own rule for the key
+    return names, {
+        "k": k, "n_fid": n_fid, "classifier_max_steps": cfg.classifier_max_steps,
+        "classifier_min_accuracy": floor,
+    }  # fmt: skip
 
 
 @config.tool_main("reproduce", doc=__doc__)
