@@ -31,7 +31,8 @@ def train(cfg: DictConfig) -> float | None:
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from vae_lightning.run import RunRecord, claim_folder
+    from vae_lightning.run import RunRecord
+    from vae_lightning.run_folder import claim_folder
 
     output_dir = Path(cfg.paths.output_dir)
     config.check_run_config(cfg)
@@ -51,7 +52,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None]:
     import lightning as L
 
     from vae_lightning.checkpoints import check_fits
-    from vae_lightning.run import check_resume, resume_checkpoint
+    from vae_lightning.run_folder import check_resume, resume_checkpoint
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = config.instantiate(cfg.data, "data")
@@ -189,7 +190,8 @@ def _check_writable(output_dir: Path) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Run ``train``; a user error is one line, an interruption the command that resumes; in a
     multirun each job's outcome goes to the sweep's jobs.jsonl and the others go on."""
-    from vae_lightning.run import FolderRefused, RunInterrupted
+    from vae_lightning.run import RunInterrupted
+    from vae_lightning.run_folder import FolderRefused
 
     multirun = config.in_multirun()
     try:
