@@ -17,10 +17,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # synthetic data of conftest.py: seed 0, 3 epochs, batch 64, val_size 128, callbacks=minimal.
 # The redesign (after 259db03) reproduced them bit for bit on the same machine; another BLAS
 # build rounds differently, hence the tolerance (3 epochs of Adam amplify rounding).
+# test/loss moved once, on purpose, from 314.0056: the test now starts its one draw of z per
+# image from `seed` (so a run resumed after a signal during its probe tests as an uninterrupted
+# one does); that changes only which noise the test draws (0.16 %, the ELBO's one-draw noise).
 BEFORE = {
     "train/loss": 317.92950439453125,
     "val/loss": 314.2677001953125,
-    "test/loss": 314.0056457519531,
+    "test/loss": 314.5216064453125,
 }
 PINNED = ["callbacks=minimal", "trainer.max_epochs=3", "logger=none"]
 
