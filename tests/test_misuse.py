@@ -68,7 +68,6 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
     ("extra", "fragments"),
     [
         (["resume={run}", "model.latent_dim=0"], ["resume", "finished run", "last.ckpt"]),
-        (["resume={run}", "model=ae"], ["resume", "finished run"]),
         (["resume={run}", "trainer.max_epochs=2"], ["finished run", "trainer.max_epochs=<more>"]),
         (["hydra.run.dir={run}", "trainer.max_epochs=2"], ["paths.output_dir", "finished run"]),
         (["resume={run}/checkpoints/last.ckpt", "trainer.max_epochs=2"], ["nothing to train"]),

@@ -55,7 +55,7 @@ def final_metrics(out: Path) -> dict:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compose_cfg, tmp_path, signum):
-    from vae_lightning.run import RunInterrupted
+    from vae_lightning.errors import RunInterrupted
 
     whole = compose_cfg(*RESUME, f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)

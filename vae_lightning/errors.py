@@ -7,6 +7,7 @@ one line instead of a traceback (``USER_ERRORS``). Anything else is a bug, and g
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 
@@ -27,7 +28,26 @@ class ConfigError(ValueError):
         self.key, self.message = key, message
 
 
+class FolderRefused(ConfigError):
+    """The run folder may not be written by this command; nothing was written into it."""
+
+
 USER_ERRORS = (ConfigError, DataError, RunError)
+
+
+class RunInterrupted(BaseException):
+    """The run stopped on SIGTERM/SIGINT; ``checkpoint`` is where it resumes from (None: it had
+    saved none, and starts again).
+
+    A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
+    recording the job as failed and starting the next one.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, epoch: int, step: int) -> None:
+        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+        name = signal.Signals(signum).name
+        saved = f"resumes from {checkpoint}" if checkpoint else "no checkpoint saved yet"
+        super().__init__(f"{name} at epoch {epoch}, step {step}; {saved}")
 
 
 def check_int(key: str, value: object, minimum: int) -> int:

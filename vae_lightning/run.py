@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from vae_lightning.errors import RunError
+from vae_lightning.errors import RunError, RunInterrupted
 from vae_lightning.files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -235,21 +235,6 @@ class History(L.Callback):
 
 
 # --- stopping safely ----------------------------------------------------------------------------
-
-
-class RunInterrupted(BaseException):
-    """The run stopped on SIGTERM/SIGINT; ``checkpoint`` is where it resumes from (None: it had
-    saved none, and starts again).
-
-    A BaseException, like KeyboardInterrupt, so that a multirun stops as a whole instead of
-    recording the job as failed and starting the next one.
-    """
-
-    def __init__(self, signum: int, checkpoint: Path | None, epoch: int, step: int) -> None:
-        self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
-        name = signal.Signals(signum).name
-        saved = f"resumes from {checkpoint}" if checkpoint else "no checkpoint saved yet"
-        super().__init__(f"{name} at epoch {epoch}, step {step}; {saved}")
 
 
 class StopOnSignal(L.Callback):

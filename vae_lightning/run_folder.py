@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vae_lightning.errors import ConfigError
+from vae_lightning.errors import ConfigError, FolderRefused
 from vae_lightning.files import FolderBusy, hold_folder
 from vae_lightning.run import RunRecord
 
@@ -27,10 +27,6 @@ def _is_folder(resume: Any) -> bool:
 
 def _same_folder(a: Any, b: Path) -> bool:
     return Path(str(a)).resolve() == Path(b).resolve()
-
-
-class FolderRefused(ConfigError):
-    """The run folder may not be written by this command; nothing was written into it."""
 
 
 @contextlib.contextmanager

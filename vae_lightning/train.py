@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vae_lightning import config
-from vae_lightning.errors import USER_ERRORS, RunError
+from vae_lightning.errors import USER_ERRORS, FolderRefused, RunError, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,15 @@ def train(cfg: DictConfig) -> float | None:
     Everything that can refuse the run (the values, the folder, the checkpoint to resume) is
     checked before anything is written into the run folder.
     """
+    config.check_run_config(
+        cfg
+    )  # first, so that a bad value is refused without importing Lightning
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from vae_lightning.run import RunRecord
     from vae_lightning.run_folder import claim_folder
 
     output_dir = Path(cfg.paths.output_dir)
-    config.check_run_config(cfg)
     if cfg.get("resume") is True and (done := RunRecord.finished(output_dir)) is not None:
         config.detach_folder_log(output_dir)  # a finished run's folder is left as it is
         log.info("already finished, skipped (resume=true): %s", output_dir)
@@ -190,8 +192,6 @@ def _check_writable(output_dir: Path) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Run ``train``; a user error is one line, an interruption the command that resumes; in a
     multirun each job's outcome goes to the sweep's jobs.jsonl and the others go on."""
-    from vae_lightning.run import RunInterrupted
-    from vae_lightning.run_folder import FolderRefused
 
     multirun = config.in_multirun()
     try:
