@@ -55,17 +55,19 @@ def real_data_dir() -> Path:
     return root
 
 
+# a small, quiet run on the synthetic data (verify=false: not the official md5)
+SMALL = [
+    "data.verify=false",
+    "data.download=false",
+    "data.val_size=128",
+    "data.batch_size=64",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+]
+
+
 def small_overrides(data_dir: Path, output_dir: Path) -> list[str]:
-    return [
-        f"paths.data_dir={data_dir}",
-        f"paths.output_dir={output_dir}",
-        "data.verify=false",
-        "data.download=false",
-        "data.val_size=128",
-        "data.batch_size=64",
-        "trainer.accelerator=cpu",
-        "trainer.enable_model_summary=false",
-    ]
+    return [f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", *SMALL]
 
 
 @pytest.fixture

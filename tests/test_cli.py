@@ -9,16 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import run_cli, start_together
+from tests.conftest import SMALL, run_cli, start_together
 from vae_lightning.models import VAE
-
-SMALL = [
-    "data.verify=false",
-    "data.download=false",
-    "data.val_size=128",
-    "data.batch_size=64",
-    "trainer.accelerator=cpu",
-]
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, SMALL, run_cli
 
-SMALL = [
-    "data.verify=false",
-    "data.download=false",
-    "data.val_size=128",
-    "data.batch_size=64",
-    "trainer.accelerator=cpu",
-    "trainer.enable_model_summary=false",
-    "logger=none",
-]
+QUIET = [*SMALL, "logger=none"]
 
 
 def small(data_dir: Path, *extra: str) -> list[str]:
-    return [f"paths.data_dir={data_dir}", *SMALL, *extra]
+    return [f"paths.data_dir={data_dir}", *QUIET, *extra]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
