@@ -106,13 +106,26 @@ class Autoencoder(L.LightningModule):
         """(B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.decoder(z))
 
-    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def terms(
+        self,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of a batch: 0-dim batch means in nats per image (``loss`` is what is
-        optimised), plus any per-image outputs that ``observe`` uses."""
+        optimised), plus any per-image outputs that ``observe`` uses.
+
+        The keywords are for a step that drives several models as one (``fused.py``): ``noise``
+        the (B, latent_dim) draw of eps (default: drawn here), ``mask`` (latent_dim,) ones for
+        the latent dimensions this model uses (a smaller model padded into a larger one: the
+        others are zeroed in z and left out of the KL), ``beta`` a tensor in place of
+        ``self.beta``. Left at None, the maths is exactly that of one model.
+        """
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.terms(x)
+    def forward(self, x: torch.Tensor, **knobs: Any) -> dict[str, torch.Tensor]:
+        return self.terms(x, **knobs)
 
     def observe(self, out: dict[str, torch.Tensor]) -> None:
         """Called by the step with each training batch's ``terms``, outside any compiled code."""
@@ -195,8 +208,16 @@ class AE(Autoencoder):
 
     embed = encode
 
-    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def terms(
+        self,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         z = self.encoder(x)  # (B, D)
+        if mask is not None:
+            z = z * mask
         logits = self.decoder(z)  # (B, C, H, W)
         recon = recon_bce(logits, x).mean()
         with torch.no_grad():
@@ -249,19 +270,34 @@ class _GaussianVAE(Autoencoder):
         return self.encode(x)[0]
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4)."""
-        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    def reparameterize(
+        mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014, Sec. 2.4); ``noise``: a
+        given eps."""
+        eps = torch.randn_like(mu) if noise is None else noise
+        return mu + eps * torch.exp(0.5 * logvar)
 
-    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def terms(
+        self,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         mu, logvar = self.encode(x)  # (B, D) each
-        z = self.reparameterize(mu, logvar)  # one sample: the single-sample ELBO, in every stage
+        if mask is not None:  # unused dimensions: N(0, 1) exactly, so their KL is exactly 0
+            mu, logvar = mu * mask, logvar * mask
+        z = self.reparameterize(mu, logvar, noise)  # one sample: the single-sample ELBO
+        if mask is not None:
+            z = z * mask
         logits = self.decoder(z)  # (B, C, H, W)
         recon = recon_bce(logits, x).mean()
         kl = gaussian_kl(mu, logvar).sum(1).mean()
         with torch.no_grad():
             mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
-        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl, "mse": mse}
+        weight = self.beta if beta is None else beta
+        return {"loss": recon + weight * kl, "recon": recon, "kl": kl, "mse": mse}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

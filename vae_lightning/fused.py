@@ -1,0 +1,164 @@
+"""Several models of one kind trained as one: a sweep's jobs stacked along a leading axis.
+
+A sweep over ``beta``, ``latent_dim`` and ``seed`` trains models that differ only in those
+values. ``Stack`` holds the jobs' parameters as stacked tensors (job j at index j), runs their
+maths (``model.terms``, the same function one model runs) with ``torch.func.vmap`` over the
+stack, and updates them with one Adam: Adam is elementwise, so Adam on stacked tensors is one
+Adam per job. A job whose ``latent_dim`` is below the stack's largest is padded into it: its own
+weights sit in the first ``latent_dim`` rows of each latent block of the encoder's last layer
+and the first columns of the decoder's first layer, the rest is zero, and ``terms``' ``mask``
+zeroes the unused dimensions of z and leaves them out of the KL, so they get no gradient and
+stay zero. Each job keeps its own initialisation (it is built alone, from its own seed), its own
+batches, its own noise (drawn by its own generator at its own size) and its own Adam state;
+``unstack(j)`` returns job j as an ordinary model of its own size.
+
+This is the stacked step only; the Hydra launcher that groups a sweep's jobs and writes each
+one's run folder is built on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from vae_lightning.errors import ConfigError
+from vae_lightning.models import Autoencoder
+
+# the hyper-parameters in which the jobs of one stack may differ (seed: through initialisation,
+# batches and noise, which the caller gives); every other one must be equal
+STACKABLE = ("latent_dim", "beta")
+
+
+def _blocks(
+    small: Sequence[int], big: Sequence[int], d: int, d_max: int
+) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """Where a job's tensor (shape ``small``, at ``latent_dim`` d) sits in the stack's (shape
+    ``big``, at ``d_max``): (index in big, index in small) pairs. Along every axis where the
+    shapes differ, the axis holds k latent blocks (k = 1: z; k = 2: mu and logvar), and block c
+    of size d sits at the start of block c of size d_max."""
+    axes: list[list[tuple[slice, slice]]] = []
+    for n_small, n_big in zip(small, big, strict=True):
+        if n_small == n_big:
+            axes.append([(slice(None), slice(None))])
+            continue
+        k = n_big // d_max
+        if n_big != k * d_max or n_small != k * d:
+            raise ConfigError("model", f"cannot stack a tensor of shape {tuple(small)}")
+        axes.append(
+            [(slice(c * d_max, c * d_max + d), slice(c * d, (c + 1) * d)) for c in range(k)]
+        )
+    pairs: list[tuple[tuple[slice, ...], tuple[slice, ...]]] = [((), ())]
+    for choices in axes:
+        pairs = [((*b, bs), (*s, ss)) for b, s in pairs for bs, ss in choices]
+    return pairs
+
+
+class Stack:
+    """``models`` (one class, equal hyper-parameters but ``STACKABLE`` ones) as one stack.
+
+    ``terms(xs, noise)`` gives every job's loss terms, each a (J,) tensor, for a batch per job
+    (``xs``: (J, B, C, H, W)); ``step(xs, noise)`` also takes one Adam step for all of them.
+    """
+
+    def __init__(self, models: Sequence[Autoencoder], fused_adam: bool | None = None) -> None:
+        if not models:
+            raise ConfigError("models", "must hold at least one model to stack")
+        first = models[0]
+        self.kind = type(first)
+        self.hparams = [dict(m.hparams) for m in models]
+        for hp, m in zip(self.hparams, models, strict=True):
+            differs = sorted(
+                k for k in {*hp, *self.hparams[0]} - set(STACKABLE)
+                if hp.get(k) != self.hparams[0].get(k)
+            )  # fmt: skip
+            if type(m) is not self.kind or differs:
+                raise ConfigError(
+                    "model",
+                    f"cannot stack a {type(m).__name__} with {', '.join(differs) or 'its class'} "
+                    f"different from the first job's {self.kind.__name__}: only "
+                    f"{', '.join(STACKABLE)} (and seed) may differ within a stack",
+                )
+        self.latent_dims = [m.latent_dim for m in models]
+        self.d_max = max(self.latent_dims)
+        template = self.kind(**{**self.hparams[0], "latent_dim": self.d_max})
+        self.base = copy.deepcopy(template).to("meta")  # the structure functional_call runs
+        padded = [self._padded(m, template) for m in models]
+        params, buffers = stack_module_state(padded)
+        device = first.device
+        self.params = {k: v.to(device).detach().requires_grad_() for k, v in params.items()}
+        self.buffers = {k: v.to(device) for k, v in buffers.items()}
+        self.mask = torch.zeros(len(models), self.d_max, device=device)
+        for j, d in enumerate(self.latent_dims):
+            self.mask[j, :d] = 1.0
+        self.beta = torch.tensor([float(hp.get("beta", 0.0)) for hp in self.hparams], device=device)
+        fused = first.hparams.fused_adam if fused_adam is None else fused_adam
+        self.optimizer = torch.optim.Adam(
+            list(self.params.values()), lr=first.lr, fused=bool(fused) or None
+        )
+        self._vmapped = vmap(self._one, randomness="error")
+
+    def __len__(self) -> int:
+        return len(self.latent_dims)
+
+    def _padded(self, model: Autoencoder, template: Autoencoder) -> Autoencoder:
+        big = copy.deepcopy(template)
+        d = model.latent_dim
+        with torch.no_grad():
+            own = dict(model.named_parameters()) | dict(model.named_buffers())
+            for name, target in [*big.named_parameters(), *big.named_buffers()]:
+                target.zero_()
+                source = own[name].detach().cpu()
+                for in_big, in_small in _blocks(source.shape, target.shape, d, self.d_max):
+                    target[in_big] = source[in_small]
+        return big
+
+    def _one(self, params: dict, buffers: dict, x, noise, mask, beta) -> dict[str, torch.Tensor]:
+        out = functional_call(self.base, (params, buffers), (x,), {"noise": noise, "mask": mask,
+                                                                   "beta": beta})  # fmt: skip
+        return {k: v for k, v in out.items() if v.ndim == 0}
+
+    def terms(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every job's loss terms, each (J,), for ``xs`` (J, B, C, H, W) and ``noise`` (J, B,
+        d_max) from ``draw_noise`` (None for the AE, which draws none)."""
+        if noise is None:
+            noise = torch.zeros(len(self), xs.size(1), self.d_max, device=xs.device)
+        return self._vmapped(self.params, self.buffers, xs, noise, self.mask, self.beta)
+
+    def step(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One Adam step of every job on its own batch; their terms before the step, each (J,).
+        The jobs are independent, so the gradient of the sum of their losses is each job's own
+        gradient on its own parameters."""
+        out = self.terms(xs, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].sum().backward()
+        self.optimizer.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    def draw_noise(self, generators: Sequence[torch.Generator], batch: int) -> torch.Tensor | None:
+        """eps for one batch per job, each from its job's generator at its own size (B,
+        latent_dim), as the job alone would draw it; padded to d_max. None for the AE."""
+        if not self.kind.variational:
+            return None
+        device = self.mask.device
+        noise = torch.zeros(len(self), batch, self.d_max, device=device)
+        for j, (g, d) in enumerate(zip(generators, self.latent_dims, strict=True)):
+            noise[j, :, :d] = torch.randn(batch, d, generator=g, device=g.device).to(device)
+        return noise
+
+    def unstack(self, j: int) -> Autoencoder:
+        """Job ``j`` as an ordinary model of its own ``latent_dim``, with its trained weights."""
+        model = self.kind(**self.hparams[j])
+        d = self.latent_dims[j]
+        state = {}
+        with torch.no_grad():
+            for name, own in [*model.named_parameters(), *model.named_buffers()]:
+                stacked = self.params.get(name, self.buffers.get(name))[j].detach()
+                cut = torch.empty_like(own)
+                for in_big, in_small in _blocks(own.shape, stacked.shape, d, self.d_max):
+                    cut[in_small] = stacked[in_big]
+                state[name] = cut
+        model.load_state_dict(state)
+        return model.to(self.mask.device)
