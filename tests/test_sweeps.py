@@ -198,3 +198,48 @@ def yaml_best(path: Path) -> float:
     import yaml
 
     return float(yaml.safe_load(path.read_text())["best_value"])
+
+
+@pytest.mark.parametrize(
+    ("devices", "accelerator", "job", "n_gpus", "expected"),
+    [
+        (1, "auto", 0, 4, [0]),
+        (1, "gpu", 5, 4, [1]),  # job 5 of a sweep on 4 GPUs: the second GPU
+        (1, "cuda", 7, 2, [1]),
+        (1, "auto", 3, 1, 1),  # one GPU: nothing to spread
+        (1, "auto", None, 4, 1),  # not a multirun
+        (1, "cpu", 3, 4, 1),  # on the CPU
+        ([2], "gpu", 3, 4, [2]),  # pinned by the user
+        (2, "auto", 3, 4, 2),  # DDP jobs: every process must agree on its devices
+        ("auto", "auto", 3, 4, "auto"),
+    ],
+)
+def test_a_multirun_spreads_single_device_jobs_over_every_gpu(
+    devices, accelerator, job, n_gpus, expected
+):
+    from vae_lightning.config import job_devices
+
+    assert job_devices(devices, accelerator, job, n_gpus) == expected
+
+
+def test_each_job_of_a_parallel_sweep_records_its_own_gpu(compose_cfg, monkeypatch):
+    """What a joblib sweep on a 4-GPU machine does for its jobs 0-7 (the GPUs faked here; on
+    a real one Lightning then trains each job on trainer.devices)."""
+    from types import SimpleNamespace
+
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    from vae_lightning import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(config, "in_multirun", lambda: True)
+    assigned = []
+    for job in range(8):
+        monkeypatch.setattr(HydraConfig, "get", lambda job=job: SimpleNamespace(
+            job=SimpleNamespace(num=job)))  # fmt: skip
+        cfg = compose_cfg("trainer.accelerator=auto")  # the default, which small runs set to cpu
+        config.spread_over_gpus(cfg)
+        assigned.append(cfg.trainer.devices)
+    assert assigned == [[0], [1], [2], [3], [0], [1], [2], [3]]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
 from vae_lightning.files import FolderBusy, file_lock, lock_folder
@@ -133,6 +133,38 @@ def set_torch_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
         log.info("torch threads: %d", torch.get_num_threads())
+
+
+def job_devices(devices: Any, accelerator: Any, job_num: int | None, n_gpus: int) -> Any:
+    """``trainer.devices`` for job ``job_num`` of a multirun on a machine with ``n_gpus`` CUDA
+    GPUs: a single-device job gets GPU ``job_num % n_gpus``, so that a parallel launcher's jobs
+    spread over every GPU instead of all training on the first (Lightning's ``devices=1`` always
+    means GPU 0). Anything else is left as configured: not a multirun, fewer than two GPUs, the
+    CPU, a list of GPUs (the user's choice), or several devices per job (DDP, whose processes
+    must agree on them)."""
+    if job_num is None or n_gpus < 2 or str(accelerator) not in ("auto", "gpu", "cuda"):
+        return devices
+    if isinstance(devices, bool) or devices != 1:
+        return devices
+    return [job_num % n_gpus]
+
+
+def spread_over_gpus(cfg: DictConfig) -> None:
+    """Give this multirun job its GPU (``job_devices``), before the config is saved, so the run's
+    .hydra/config.yaml says where it trained."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun() or not torch.cuda.is_available():
+        return
+    n_gpus = torch.cuda.device_count()
+    trainer = cfg.trainer
+    devices = job_devices(trainer.get("devices"), trainer.get("accelerator"),
+                          HydraConfig.get().job.num, n_gpus)  # fmt: skip
+    if devices != trainer.get("devices"):
+        with open_dict(cfg):
+            trainer.devices = devices
+        log.info("multirun job %d: GPU %d of %d", HydraConfig.get().job.num, devices[0], n_gpus)
 
 
 def route_lightning_logs() -> None:

@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> float | None:
     with claim_folder(output_dir, cfg.get("resume"), rank=rank_zero_only.rank):
         config.route_lightning_logs()
         config.set_torch_threads(cfg.get("threads"))
+        config.spread_over_gpus(cfg)
         return _run(cfg, output_dir)
 
 
