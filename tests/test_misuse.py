@@ -94,6 +94,10 @@ def test_resume_true_skips_a_finished_run_without_touching_it(finished_run, data
         (["seed=abc"], ["seed", "'abc'"]),
         (["threads=many"], ["threads", "'many'"]),
         (["data.val_size=100000"], ["val_size", "must be <"]),
+        (
+            ["scheduler=cosine", "model.scheduler.warmup_epochs=-1"],
+            ["model.scheduler.warmup_epochs", ">= 0"],
+        ),
         (["model.lr=1e12", "trainer.max_epochs=1"], ["non-finite training loss", "model.lr"]),
     ],
 )

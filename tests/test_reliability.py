@@ -53,15 +53,27 @@ def final_metrics(out: Path) -> dict:
     return record
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compose_cfg, tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "extra"),
+    [
+        (signal.SIGTERM, []),
+        (signal.SIGINT, []),
+        # the schedulers' state travels too: the same learning rate at every epoch (train/lr)
+        (signal.SIGTERM, ["scheduler=cosine", "model.scheduler.warmup_epochs=1"]),
+        (signal.SIGTERM, ["scheduler=plateau", "model.scheduler.patience=0"]),
+    ],
+)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
+    compose_cfg, tmp_path, signum, extra
+):
     from vae_lightning.errors import RunInterrupted
 
-    whole = compose_cfg(*RESUME, f"paths.output_dir={tmp_path / 'whole'}")
+    whole = compose_cfg(*RESUME, *extra, f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)
     # 512 training images / 32 = 16 steps per epoch: step 21 is in the middle of epoch 1
     cut = compose_cfg(
         *RESUME,
+        *extra,
         f"paths.output_dir={tmp_path / 'cut'}",
         "+callbacks.signal._target_=tests.test_reliability.SignalAt",
         "+callbacks.signal.step=21",
@@ -74,7 +86,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compose_cfg, tm
     assert record["status"] == "interrupted" and "resume=" in record["resume"]
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").is_file()
     resumed = compose_cfg(
-        *RESUME, f"paths.output_dir={tmp_path / 'cut'}", f"resume={tmp_path / 'cut'}"
+        *RESUME, *extra, f"paths.output_dir={tmp_path / 'cut'}", f"resume={tmp_path / 'cut'}"
     )
     train(resumed)
     a, b = final_metrics(tmp_path / "whole"), final_metrics(tmp_path / "cut")
@@ -85,6 +97,18 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(compose_cfg, tm
     history_a = (tmp_path / "whole" / "history.csv").read_text().splitlines()
     history_b = (tmp_path / "cut" / "history.csv").read_text().splitlines()
     assert [r.split(",")[:-2] for r in history_a] == [r.split(",")[:-2] for r in history_b]
+    if extra:
+        assert "train/lr" in history_a[0]
+        if "scheduler=cosine" in extra:  # warm-up then cosine over the 3 remaining epochs
+            rates = [row["train/lr"] for row in _rows(tmp_path / "cut" / "history.csv")]
+            assert rates == pytest.approx([5e-4, 1e-3, 7.5e-4, 2.5e-4], rel=1e-6)
+
+
+def _rows(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from torch import nn
 from vae_lightning.errors import ConfigError, check_float, check_int
 from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
 from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vae_lightning.schedules import check_scheduler, lr_scheduler
 from vae_lightning.step import AutomaticStep
 
 # exp(0.5 * logvar) and exp(logvar) stay finite in fp16/bf16/fp32 within this range; values
@@ -67,6 +68,7 @@ class Autoencoder(L.LightningModule):
         fused_adam: bool = True,
         compile: bool = False,
         beta: float = 0.0,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # collects the subclass's arguments too (its __init__ is on the call stack); an AE has
@@ -90,6 +92,7 @@ class Autoencoder(L.LightningModule):
             hp["beta"] = check_float("beta", hp["beta"], 0.0)
         hp["in_shape"] = _shape("in_shape", hp["in_shape"])
         hp["fused_adam"], hp["compile"] = bool(hp["fused_adam"]), bool(hp["compile"])
+        hp["scheduler"] = check_scheduler(hp.get("scheduler"))
         return hp
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
@@ -134,12 +137,17 @@ class Autoencoder(L.LightningModule):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         # fused: one kernel for all parameters instead of a Python loop over them; the same
         # update (to float rounding), and on CPU the single largest saving after the data path
-        return torch.optim.Adam(
+        optimizer = torch.optim.Adam(
             self.parameters(), lr=self.lr, fused=self.hparams.fused_adam or None
         )
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+        scheduler = lr_scheduler(optimizer, self.hparams.get("scheduler"), max_epochs or 1)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def configure_model(self) -> None:
         if self.hparams.compile and self.terms_fn == self.terms:
@@ -193,8 +201,9 @@ class AE(Autoencoder):
         in_shape: Sequence[int] = (1, 28, 28),
         fused_adam: bool = True,
         compile: bool = False,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile)
+        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler)
         # Gaussian fitted to the training codes (moments accumulated during each training epoch)
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_cov", torch.eye(latent_dim))
@@ -317,8 +326,9 @@ class VAE(_GaussianVAE):
         in_shape: Sequence[int] = (1, 28, 28),
         fused_adam: bool = True,
         compile: bool = False,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta)
+        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler)
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return _mlp(self.hparams, out_features=2 * self.hparams.latent_dim)  # mu and logvar
@@ -336,8 +346,9 @@ class ConvVAE(_GaussianVAE):
         in_shape: Sequence[int] = (1, 28, 28),
         fused_adam: bool = True,
         compile: bool = False,
+        scheduler: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta)
+        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler)
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         try:

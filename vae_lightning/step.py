@@ -95,6 +95,9 @@ class AutomaticStep:
                 # Logged at the epoch's last batch rather than in on_train_epoch_end: callbacks'
                 # on_train_epoch_end (History, which writes history.csv) run before the module's.
                 self.log_means(model, "train")
+                if model.hparams.get("scheduler"):  # the rate this epoch trained with
+                    lr = trainer.optimizers[0].param_groups[0]["lr"]
+                    model.log("train/lr", lr, on_step=False, on_epoch=True)
         return terms["loss"]
 
     def eval_step(self, model: Autoencoder, batch: Any, stage: str) -> None:

@@ -161,6 +161,7 @@ def _key_hparams(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, Any]
         if isinstance(value, (int, float, str, bool)):
             hp[key] = value
     hp.setdefault("beta", getattr(model, "beta", 0.0))
+    hp["scheduler"] = (model.hparams.get("scheduler") or {}).get("name", "none")
     return hp
 
 

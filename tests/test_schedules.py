@@ -1,0 +1,79 @@
+"""Learning-rate schedules (scheduler=): checked values, the rates they give, their config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vae_lightning.config import compose
+from vae_lightning.errors import ConfigError
+from vae_lightning.models import VAE
+from vae_lightning.schedules import check_scheduler, lr_scheduler
+
+
+def rates(spec: dict, max_epochs: int, lr: float = 1.0) -> list[float]:
+    """The learning rate of each epoch, as Lightning steps the scheduler once per epoch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    config = lr_scheduler(optimizer, check_scheduler(spec), max_epochs)
+    out = []
+    for _ in range(max_epochs):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        config["scheduler"].step()
+    return out
+
+
+def test_cosine_anneals_over_the_epochs_after_its_warm_up():
+    assert rates({"name": "cosine"}, 4) == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    warm = rates({"name": "cosine", "warmup_epochs": 2, "eta_min": 0.1}, 5)
+    # 2 epochs up from lr / 3, then the cosine over the 3 left (as without warm-up, the last
+    # epoch stays above eta_min: the rate an epoch trains with is the one before its step)
+    assert warm == pytest.approx([1 / 3, 2 / 3, 1.0, 0.775, 0.325])
+
+
+def test_plateau_lowers_the_rate_when_val_loss_stops_improving():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    config = lr_scheduler(optimizer, check_scheduler({"name": "plateau", "patience": 1}), 10)
+    assert config["monitor"] == "val/loss" and config["interval"] == "epoch"
+    seen = []
+    for val_loss in (5.0, 4.0, 4.0, 4.0, 4.0, 4.0):
+        config["scheduler"].step(val_loss)
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_none_is_a_constant_rate_and_the_default():
+    assert check_scheduler({"name": "none"}) is None and check_scheduler(None) is None
+    cfg = compose(["model=conv_vae"])
+    assert cfg.model.scheduler.name == "none"
+    model = VAE()
+    assert isinstance(model.configure_optimizers(), torch.optim.Adam)  # as before schedulers
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"name": "cosine", "warmup_epochs": -1},
+            "scheduler.warmup_epochs must be an integer >= 0",
+        ),
+        ({"name": "cosine", "eta_min": -1.0}, "scheduler.eta_min must be a finite number >= 0"),
+        ({"name": "plateau", "factor": 1.5}, "scheduler.factor must be below 1"),
+        ({"name": "plateau", "factor": 0}, "scheduler.factor must be a finite number > 0"),
+        ({"name": "plateau", "patience": "x"}, "scheduler.patience must be an integer >= 0"),
+        ({"name": "step"}, "scheduler.name must be one of none, plateau, cosine, got 'step'"),
+        ({"name": "cosine", "T_max": 3}, "cosine takes warmup_epochs, eta_min, not T_max"),
+        ("cosine", "scheduler must be a mapping"),
+    ],
+)
+def test_bad_schedules_are_refused_naming_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        VAE(scheduler=spec)
+
+
+def test_a_schedule_composes_from_its_group_and_survives_a_checkpoint(tmp_path):
+    cfg = compose(["scheduler=cosine", "model.scheduler.warmup_epochs=3"])
+    assert dict(cfg.model.scheduler) == {"name": "cosine", "warmup_epochs": 3, "eta_min": 0.0}
+    model = VAE(scheduler=cfg.model.scheduler)
+    assert model.hparams.scheduler == {"name": "cosine", "warmup_epochs": 3, "eta_min": 0.0}
+    assert type(model.hparams.scheduler) is dict  # plain data: weights_only checkpoints load it

@@ -1,0 +1,80 @@
+"""Training schedules: the learning-rate scheduler (``scheduler=`` config group).
+
+A schedule is plain data in the model's hyper-parameters (``model.scheduler``: a dict with a
+``name``), checked when the model is built, so a bad value stops before training with one line
+naming the key, and checkpoints keep loading with ``weights_only=True``. ``lr_scheduler``
+builds the torch scheduler in Lightning's ``lr_scheduler`` config form; Lightning steps it each
+epoch and saves and restores its state with the checkpoint, so a resumed run follows the same
+learning rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from vae_lightning.errors import ConfigError, check_float, check_int
+
+# every scheduler's keys and their defaults (conf/scheduler/<name>.yaml states the same)
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # ReduceLROnPlateau on val/loss: lr *= factor after `patience` epochs without improvement
+    "plateau": {"factor": 0.5, "patience": 5, "min_lr": 0.0},
+    # CosineAnnealingLR over trainer.max_epochs, after `warmup_epochs` of linear warm-up
+    "cosine": {"warmup_epochs": 0, "eta_min": 0.0},
+}
+
+
+def check_scheduler(spec: Any) -> dict[str, Any] | None:
+    """``spec`` (null or a mapping with ``name``) as a plain, checked dict; None for no
+    scheduler. A ConfigError names the key (``scheduler.<key>``)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ConfigError("scheduler", f"must be a mapping with a name, got {spec!r}")
+    spec = {str(k): v for k, v in spec.items()}
+    name = spec.pop("name", None)
+    if name not in SCHEDULERS:
+        raise ConfigError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    unknown = sorted(set(spec) - set(SCHEDULERS[name]))
+    if unknown:
+        raise ConfigError(
+            "scheduler",
+            f"{name} takes {', '.join(SCHEDULERS[name]) or 'no keys'}, not {', '.join(unknown)}",
+        )
+    out: dict[str, Any] = {"name": name, **SCHEDULERS[name], **spec}
+    if name == "plateau":
+        out["factor"] = check_float("scheduler.factor", out["factor"], 0.0, inclusive=False)
+        if out["factor"] >= 1:
+            raise ConfigError("scheduler.factor", f"must be below 1, got {out['factor']}")
+        out["patience"] = check_int("scheduler.patience", out["patience"], 0)
+        out["min_lr"] = check_float("scheduler.min_lr", out["min_lr"], 0.0)
+    elif name == "cosine":
+        out["warmup_epochs"] = check_int("scheduler.warmup_epochs", out["warmup_epochs"], 0)
+        out["eta_min"] = check_float("scheduler.eta_min", out["eta_min"], 0.0)
+    return None if name == "none" else out
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, spec: dict[str, Any] | None, max_epochs: int
+) -> dict[str, Any] | None:
+    """Lightning's ``lr_scheduler`` config for ``spec`` (stepped once per epoch), or None."""
+    if spec is None:
+        return None
+    if spec["name"] == "plateau":
+        scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=spec["factor"], patience=spec["patience"], min_lr=spec["min_lr"]
+        )
+        return {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+    warmup = spec["warmup_epochs"]
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, max_epochs - warmup), eta_min=spec["eta_min"]
+    )
+    if warmup == 0:
+        return {"scheduler": cosine, "interval": "epoch"}
+    # warm-up from lr / (warmup + 1) to lr over `warmup` epochs, then the cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), 1.0, warmup)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], [warmup])
+    return {"scheduler": scheduler, "interval": "epoch"}
