@@ -30,7 +30,7 @@ def train_alone(model, xs: torch.Tensor, seed: int) -> list[float]:
         noise = torch.randn(x.size(0), model.latent_dim, generator=g) if model.variational else None
         out = model.terms(x, noise=noise)
         optimizer.zero_grad()
-        out["loss"].backward()
+        out.get("objective", out["loss"]).backward()
         optimizer.step()
         losses.append(out["loss"].item())
     return losses

@@ -98,6 +98,7 @@ def test_resume_true_skips_a_finished_run_without_touching_it(finished_run, data
             ["scheduler=cosine", "model.scheduler.warmup_epochs=-1"],
             ["model.scheduler.warmup_epochs", ">= 0"],
         ),
+        (["kl=cyclical", "model.kl.cycles=0"], ["model.kl.cycles", ">= 1"]),
         (["model.lr=1e12", "trainer.max_epochs=1"], ["non-finite training loss", "model.lr"]),
     ],
 )

@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"
 def test_vae_terms_match_independent_formulas(model_cls):
     """recon = -log Bernoulli(x | logits) summed over pixels, kl = KL(N(mu, sigma) || N(0, 1))
     summed over dimensions (torch.distributions, not the project's losses), both batch means;
-    loss = recon + beta * kl."""
+    loss = recon + kl (the negative ELBO, which runs compare), objective = recon + beta * kl."""
     torch.manual_seed(0)
     model = model_cls(beta=4.0)
     x = torch.rand(8, 1, 28, 28)
@@ -34,9 +34,10 @@ def test_vae_terms_match_independent_formulas(model_cls):
     mse = (torch.sigmoid(logits) - x).pow(2).mean()
     assert terms["recon"].item() == pytest.approx(recon.item(), rel=1e-5)
     assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
-    assert terms["loss"].item() == pytest.approx(recon.item() + 4.0 * kl.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(recon.item() + kl.item(), rel=1e-5)
+    assert terms["objective"].item() == pytest.approx(recon.item() + 4.0 * kl.item(), rel=1e-5)
     assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5)
-    assert set(terms) == {"loss", "recon", "kl", "mse"}
+    assert set(terms) == {"loss", "objective", "recon", "kl", "mse"}
 
 
 def test_ae_terms_are_its_reconstruction_and_its_codes():

@@ -212,7 +212,7 @@ def test_report_markdown(sweep: Path, tmp_path: Path) -> None:
     text = report.read_text()
     assert not (sweep / "REPORT.md").exists()  # --out is honoured
     assert "6 runs: 4 ok, 1 failed, 1 unreadable." in text
-    assert "nats per image" in text and "loss = recon + beta * kl" in text
+    assert "nats per image" in text and "loss = recon + kl, the negative ELBO" in text
     table = markdown_table(text)
     assert tuple(table[0]) == SUMMARY_COLUMNS
     assert len(table) == 6

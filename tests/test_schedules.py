@@ -8,7 +8,7 @@ import torch
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE
-from vae_lightning.schedules import check_scheduler, lr_scheduler
+from vae_lightning.schedules import check_kl, check_scheduler, lr_scheduler
 
 
 def rates(spec: dict, max_epochs: int, lr: float = 1.0) -> list[float]:
@@ -77,3 +77,59 @@ def test_a_schedule_composes_from_its_group_and_survives_a_checkpoint(tmp_path):
     model = VAE(scheduler=cfg.model.scheduler)
     assert model.hparams.scheduler == {"name": "cosine", "warmup_epochs": 3, "eta_min": 0.0}
     assert type(model.hparams.scheduler) is dict  # plain data: weights_only checkpoints load it
+
+
+def test_kl_warmup_rises_linearly_to_beta_then_stays():
+    from vae_lightning.schedules import kl_weight
+
+    epochs = check_kl({"name": "warmup", "length": 2, "unit": "epoch"})
+    assert [kl_weight(epochs, 4.0, s, 10, 100) for s in (0, 5, 10, 20, 99)] == [0, 1, 2, 4, 4]
+    steps = check_kl({"name": "warmup", "length": 4, "unit": "step"})
+    assert [kl_weight(steps, 1.0, s, 10, 100) for s in range(6)] == [0, 0.25, 0.5, 0.75, 1, 1]
+
+
+def test_cyclical_annealing_repeats_its_ramp_each_cycle():
+    from vae_lightning.schedules import kl_weight
+
+    spec = check_kl({"name": "cyclical", "cycles": 4, "ratio": 0.5})  # 100 steps: period 25
+    got = [kl_weight(spec, 2.0, s, 10, 100) for s in (0, 5, 12, 13, 24, 25, 30, 99)]
+    assert got == pytest.approx([0, 0.8, 1.92, 2, 2, 0, 0.8, 2])
+
+
+def test_free_bits_take_the_kl_pressure_off_dimensions_below_the_floor():
+    x = torch.rand(16, 1, 28, 28)
+    plain, floored = VAE(latent_dim=4), VAE(latent_dim=4, kl={"name": "constant", "free_bits": 1e6})
+    floored.load_state_dict(plain.state_dict())
+    noise = torch.randn(16, 4)
+    a, b = plain.terms(x, noise=noise), floored.terms(x, noise=noise)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["kl"], b["kl"])  # the same ELBO
+    assert b["objective"].item() == pytest.approx(b["recon"].item() + 4e6)  # all 4 dims floored
+    b["objective"].backward()
+    a["recon"].backward()  # no KL gradient at all: the objective's gradient is recon's
+    for (name, p), q in zip(floored.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "cyclical", "cycles": 0}, "kl.cycles must be an integer >= 1"),
+        ({"name": "cyclical", "ratio": 1.5}, "kl.ratio must be in"),
+        ({"name": "warmup", "length": -1}, "kl.length must be an integer >= 1"),
+        ({"name": "warmup", "unit": "batch"}, "kl.unit must be epoch or step"),
+        ({"name": "constant", "free_bits": -0.5}, "kl.free_bits must be a finite number >= 0"),
+        ({"name": "annealed"}, "kl.name must be one of constant, warmup, cyclical"),
+    ],
+)
+def test_bad_kl_schedules_are_refused_naming_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        VAE(kl=spec)
+
+
+def test_an_ae_refuses_a_kl_schedule_and_takes_the_default():
+    from vae_lightning.models import AE
+
+    assert "kl" not in AE(kl={"name": "constant", "free_bits": 0.0}).hparams
+    with pytest.raises(ConfigError, match="an AE has none"):
+        AE(kl={"name": "warmup"})
+    assert compose(["model=ae"]).model.kl.name == "constant"

@@ -157,6 +157,15 @@ def _target_name(target: Any, key: str, allowed: Sequence[str], path: Path) -> s
     return name
 
 
+def _as_saved(key: str, value: Any) -> Any:
+    """A model config value as the model saves it: schedules are normalised (``none`` and a
+    constant KL weight without free bits are saved as None)."""
+    from vae_lightning.schedules import check_kl, check_scheduler
+
+    normalise = {"scheduler": check_scheduler, "kl": check_kl}.get(key)
+    return _plain(normalise(value) if normalise else value)
+
+
 def _check_run_matches(cfg: Any, path: Path, name: str, checkpoint: dict, ckpt: Path) -> None:
     """Refuse a checkpoint whose class or hyper-parameters disagree with its run config."""
     target = _select(cfg, "model._target_", path)
@@ -171,7 +180,7 @@ def _check_run_matches(cfg: Any, path: Path, name: str, checkpoint: dict, ckpt: 
     differ = {
         key: (model_cfg[key], value)
         for key, value in (checkpoint.get("hyper_parameters") or {}).items()
-        if key in model_cfg and _plain(model_cfg[key]) != _plain(value)
+        if key in model_cfg and _as_saved(key, model_cfg[key]) != _plain(value)
     }
     if differ:
         detail = ", ".join(f"{k}: config {c!r} vs checkpoint {v!r}" for k, (c, v) in differ.items())

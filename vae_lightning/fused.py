@@ -133,7 +133,7 @@ class Stack:
         gradient on its own parameters."""
         out = self.terms(xs, noise)
         self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].sum().backward()
+        out.get("objective", out["loss"]).sum().backward()
         self.optimizer.step()
         return {k: v.detach() for k, v in out.items()}
 

@@ -1,7 +1,8 @@
 """Loss terms as pure functions, one definition each.
 
 Scale ("nats per image"): the reconstruction term is summed over the pixels of an image and the
-KL over the latent dimensions; callers average over the batch. ``loss = recon + beta * kl``.
+KL over the latent dimensions; callers average over the batch. ``loss = recon + kl`` (the
+negative ELBO) is reported, ``recon + beta * kl`` optimised.
 Never mix a mean-reduced reconstruction with a summed KL: it silently rescales beta.
 """
 

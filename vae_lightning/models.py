@@ -25,7 +25,7 @@ from torch import nn
 from vae_lightning.errors import ConfigError, check_float, check_int
 from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
 from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from vae_lightning.schedules import check_scheduler, lr_scheduler
+from vae_lightning.schedules import check_kl, check_scheduler, kl_weight, lr_scheduler
 from vae_lightning.step import AutomaticStep
 
 # exp(0.5 * logvar) and exp(logvar) stay finite in fp16/bf16/fp32 within this range; values
@@ -69,11 +69,12 @@ class Autoencoder(L.LightningModule):
         compile: bool = False,
         beta: float = 0.0,
         scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # collects the subclass's arguments too (its __init__ is on the call stack); an AE has
-        # no beta to save
-        self.save_hyperparameters(ignore=None if self.variational else ["beta"])
+        # no beta or KL schedule to save
+        self.save_hyperparameters(ignore=None if self.variational else ["beta", "kl"])
         self.hparams.update(self.check_hparams(dict(self.hparams)))  # plain, checked values
         self.latent_dim: int = self.hparams.latent_dim
         self.lr: float = self.hparams.lr
@@ -93,6 +94,8 @@ class Autoencoder(L.LightningModule):
         hp["in_shape"] = _shape("in_shape", hp["in_shape"])
         hp["fused_adam"], hp["compile"] = bool(hp["fused_adam"]), bool(hp["compile"])
         hp["scheduler"] = check_scheduler(hp.get("scheduler"))
+        if self.variational:
+            hp["kl"] = check_kl(hp.get("kl"))
         return hp
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
@@ -202,7 +205,12 @@ class AE(Autoencoder):
         fused_adam: bool = True,
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
     ) -> None:
+        if check_kl(kl) is not None:  # the kl= group is composed for every model
+            raise ConfigError(
+                "kl", "schedules a VAE's KL term, and an AE has none: use kl=constant"
+            )
         super().__init__(latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler)
         # Gaussian fitted to the training codes (moments accumulated during each training epoch)
         self.register_buffer("code_mean", torch.zeros(latent_dim))
@@ -302,11 +310,28 @@ class _GaussianVAE(Autoencoder):
             z = z * mask
         logits = self.decoder(z)  # (B, C, H, W)
         recon = recon_bce(logits, x).mean()
-        kl = gaussian_kl(mu, logvar).sum(1).mean()
+        kl_per_dim = gaussian_kl(mu, logvar)  # (B, D)
+        kl = kl_per_dim.sum(1).mean()
+        free_bits = (self.hparams.get("kl") or {}).get("free_bits", 0.0)
+        if free_bits > 0:  # Kingma et al. 2016: no KL pressure on a dimension below the floor
+            kl_objective = kl_per_dim.mean(0).clamp(min=free_bits).sum()
+        else:
+            kl_objective = kl
+        weight = self.beta if beta is None else beta
         with torch.no_grad():
             mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
-        weight = self.beta if beta is None else beta
-        return {"loss": recon + weight * kl, "recon": recon, "kl": kl, "mse": mse}
+        # loss: the negative ELBO (beta = 1), which runs compare; objective: what is optimised
+        objective = recon + weight * kl_objective
+        return {"loss": recon + kl, "objective": objective, "recon": recon, "kl": kl, "mse": mse}
+
+    def kl_weight(self) -> float | None:
+        """The scheduled KL weight of this training step, or None for a constant ``beta``."""
+        spec, trainer = self.hparams.get("kl"), self._trainer
+        if spec is None or spec["name"] == "constant" or trainer is None:
+            return None
+        steps = max(1, trainer.num_training_batches)
+        total = int(trainer.estimated_stepping_batches)
+        return kl_weight(spec, self.beta, trainer.global_step, steps, total)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -327,8 +352,9 @@ class VAE(_GaussianVAE):
         fused_adam: bool = True,
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler)
+        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl)
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return _mlp(self.hparams, out_features=2 * self.hparams.latent_dim)  # mu and logvar
@@ -347,8 +373,9 @@ class ConvVAE(_GaussianVAE):
         fused_adam: bool = True,
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler)
+        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl)
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -77,7 +77,8 @@ TIMING_KEYS = ("time/fit_s", "time/epoch_s_median", "time/total_s")
 LOSS_NOTE = (
     "Losses are in nats per image: recon is the binary cross-entropy summed over the 784 pixels, "
     "kl the KL divergence summed over latent dimensions, both averaged over images, and "
-    "loss = recon + beta * kl (an AE has no kl: its loss is recon). mse is the mean squared "
+    "loss = recon + kl, the negative ELBO whatever beta (an AE has no kl: its loss is recon); "
+    "the VAEs optimise recon + beta * kl. mse is the mean squared "
     "error per pixel; accuracies are the latent probes' on the test set."
 )
 NO_RUNS_HINT = "train with `make train` or `make sweep` first"

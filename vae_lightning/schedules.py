@@ -1,15 +1,18 @@
-"""Training schedules: the learning-rate scheduler (``scheduler=`` config group).
+"""Training schedules: the learning-rate scheduler (``scheduler=`` config group) and the KL
+weight's schedule with free bits (``kl=`` config group).
 
 A schedule is plain data in the model's hyper-parameters (``model.scheduler``: a dict with a
 ``name``), checked when the model is built, so a bad value stops before training with one line
 naming the key, and checkpoints keep loading with ``weights_only=True``. ``lr_scheduler``
 builds the torch scheduler in Lightning's ``lr_scheduler`` config form; Lightning steps it each
 epoch and saves and restores its state with the checkpoint, so a resumed run follows the same
-learning rates.
+learning rates. The KL weight is a function of the global step alone, so a resumed run
+follows the same weights without any state of its own.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,3 +81,59 @@ def lr_scheduler(
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / (warmup + 1), 1.0, warmup)
     scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], [warmup])
     return {"scheduler": scheduler, "interval": "epoch"}
+
+
+# every KL schedule's keys and their defaults (conf/kl/<name>.yaml states the same); each also
+# takes free_bits (Kingma et al. 2016): the objective's KL of each latent dimension (a batch
+# mean) is at least free_bits nats, so a dimension below it gets no KL gradient
+KL_SCHEDULES: dict[str, dict[str, Any]] = {
+    "constant": {},  # beta throughout: the seeds' objective
+    # linear from 0 to beta over `length` epochs or steps (Bowman et al. 2016)
+    "warmup": {"length": 10, "unit": "epoch"},
+    # `cycles` cycles over the whole training; in each, linear from 0 to beta over the first
+    # `ratio` of it, then beta (Fu et al. 2019)
+    "cyclical": {"cycles": 4, "ratio": 0.5},
+}
+
+
+def check_kl(spec: Any) -> dict[str, Any] | None:
+    """``spec`` (null or a mapping with ``name``) as a plain, checked dict; None for the seeds'
+    objective (constant beta, no free bits). A ConfigError names the key (``kl.<key>``)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ConfigError("kl", f"must be a mapping with a name, got {spec!r}")
+    spec = {str(k): v for k, v in spec.items()}
+    name = spec.pop("name", None)
+    if name not in KL_SCHEDULES:
+        raise ConfigError("kl.name", f"must be one of {', '.join(KL_SCHEDULES)}, got {name!r}")
+    allowed = {**KL_SCHEDULES[name], "free_bits": 0.0}
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise ConfigError("kl", f"{name} takes {', '.join(allowed)}, not {', '.join(unknown)}")
+    out: dict[str, Any] = {"name": name, **allowed, **spec}
+    out["free_bits"] = check_float("kl.free_bits", out["free_bits"], 0.0)
+    if name == "warmup":
+        out["length"] = check_int("kl.length", out["length"], 1)
+        if out["unit"] not in ("epoch", "step"):
+            raise ConfigError("kl.unit", f"must be epoch or step, got {out['unit']!r}")
+    elif name == "cyclical":
+        out["cycles"] = check_int("kl.cycles", out["cycles"], 1)
+        out["ratio"] = check_float("kl.ratio", out["ratio"], 0.0, inclusive=False)
+        if out["ratio"] > 1:
+            raise ConfigError("kl.ratio", f"must be in (0, 1], got {out['ratio']}")
+    return None if name == "constant" and out["free_bits"] == 0 else out
+
+
+def kl_weight(
+    spec: dict[str, Any], beta: float, step: int, steps_per_epoch: int, total: int
+) -> float:
+    """The KL weight at global step ``step`` (0-based) of a training of ``total`` steps."""
+    if spec["name"] == "warmup":
+        length = spec["length"] * (steps_per_epoch if spec["unit"] == "epoch" else 1)
+        return beta * min(1.0, step / length)
+    if spec["name"] == "cyclical":
+        period = max(1, math.ceil(total / spec["cycles"]))
+        phase = (step % period) / period  # in [0, 1)
+        return beta * min(1.0, phase / spec["ratio"])
+    return beta

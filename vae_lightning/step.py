@@ -82,7 +82,11 @@ class AutomaticStep:
         x, _ = batch  # (B, C, H, W) float in [0, 1], converted on the device by the DataModule
         if batch_idx == 0:  # a new epoch (a run resumed mid-epoch restored its partial sums)
             self.means.reset("train")
-        out = model.terms_fn(x)
+        weight = model.kl_weight() if model.variational else None
+        if weight is None:
+            out = model.terms_fn(x)
+        else:  # a tensor, so that a compiled terms is not recompiled for every value
+            out = model.terms_fn(x, beta=torch.tensor(weight, device=x.device))
         model.observe(out)
         terms = _scalars(out)
         self.means.add("train", terms, x.size(0))
@@ -98,7 +102,9 @@ class AutomaticStep:
                 if model.hparams.get("scheduler"):  # the rate this epoch trained with
                     lr = trainer.optimizers[0].param_groups[0]["lr"]
                     model.log("train/lr", lr, on_step=False, on_epoch=True)
-        return terms["loss"]
+                if weight is not None:  # the KL weight of the epoch's last step
+                    model.log("train/beta", weight, on_step=False, on_epoch=True)
+        return terms.get("objective", terms["loss"])
 
     def eval_step(self, model: Autoencoder, batch: Any, stage: str) -> None:
         x, _ = batch
