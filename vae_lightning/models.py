@@ -20,13 +20,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vae_lightning.errors import ConfigError, check_float, check_int
 from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
 from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from vae_lightning.schedules import check_kl, check_scheduler, kl_weight, lr_scheduler
 from vae_lightning.step import AutomaticStep
+
+# terms' return value, and its optional inputs (see Autoencoder.terms)
+Terms = dict[str, Tensor]
+Knob = Tensor | None
 
 # exp(0.5 * logvar) and exp(logvar) stay finite in fp16/bf16/fp32 within this range; values
 # outside it mean sigma < 3e-7 or > 2e4, which no useful posterior on [0, 1] pixels needs.
@@ -112,21 +116,17 @@ class Autoencoder(L.LightningModule):
         """(B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
         return torch.sigmoid(self.decoder(z))
 
-    def terms(
-        self,
-        x: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        beta: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The loss terms of a batch: 0-dim batch means in nats per image (``loss`` is what is
-        optimised), plus any per-image outputs that ``observe`` uses.
+    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
+        """The loss terms of a batch: 0-dim batch means in nats per image (``loss`` is reported,
+        ``objective`` optimised, ``loss`` when there is none), plus any per-image outputs that
+        ``observe`` uses.
 
-        The keywords are for a step that drives several models as one (``fused.py``): ``noise``
-        the (B, latent_dim) draw of eps (default: drawn here), ``mask`` (latent_dim,) ones for
-        the latent dimensions this model uses (a smaller model padded into a larger one: the
-        others are zeroed in z and left out of the KL), ``beta`` a tensor in place of
-        ``self.beta``. Left at None, the maths is exactly that of one model.
+        The keywords are for the step: ``beta`` a tensor in place of ``self.beta`` (the KL
+        schedule's weight, or each job's in a stack); and for a step that drives several models
+        as one (``fused.py``): ``noise`` the (B, latent_dim) draw of eps (default: drawn here),
+        ``mask`` (latent_dim,) ones for the latent dimensions this model uses (a smaller model
+        padded into a larger one: the others are zeroed in z and left out of the KL). Left at
+        None, the maths is exactly that of one model with its own ``beta``.
         """
         raise NotImplementedError
 
@@ -225,13 +225,7 @@ class AE(Autoencoder):
 
     embed = encode
 
-    def terms(
-        self,
-        x: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        beta: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
         z = self.encoder(x)  # (B, D)
         if mask is not None:
             z = z * mask
@@ -295,13 +289,7 @@ class _GaussianVAE(Autoencoder):
         eps = torch.randn_like(mu) if noise is None else noise
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def terms(
-        self,
-        x: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        beta: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
         mu, logvar = self.encode(x)  # (B, D) each
         if mask is not None:  # unused dimensions: N(0, 1) exactly, so their KL is exactly 0
             mu, logvar = mu * mask, logvar * mask

@@ -30,24 +30,33 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 }
 
 
+def _named(
+    key: str, spec: Any, table: dict[str, dict[str, Any]], common: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``spec``, a mapping with a ``name`` from ``table``, with that entry's defaults (and
+    ``common``'s) filled in; a ConfigError names ``key`` for anything else."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(key, f"must be a mapping with a name, got {spec!r}")
+    spec = {str(k): v for k, v in spec.items()}
+    name = spec.pop("name", None)
+    if name not in table:
+        raise ConfigError(f"{key}.name", f"must be one of {', '.join(table)}, got {name!r}")
+    allowed = {**table[name], **(common or {})}
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            key, f"{name} takes {', '.join(allowed) or 'no keys'}, not {', '.join(unknown)}"
+        )
+    return {"name": name, **allowed, **spec}
+
+
 def check_scheduler(spec: Any) -> dict[str, Any] | None:
     """``spec`` (null or a mapping with ``name``) as a plain, checked dict; None for no
     scheduler. A ConfigError names the key (``scheduler.<key>``)."""
     if spec is None:
         return None
-    if not isinstance(spec, Mapping):
-        raise ConfigError("scheduler", f"must be a mapping with a name, got {spec!r}")
-    spec = {str(k): v for k, v in spec.items()}
-    name = spec.pop("name", None)
-    if name not in SCHEDULERS:
-        raise ConfigError("scheduler.name", f"must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    unknown = sorted(set(spec) - set(SCHEDULERS[name]))
-    if unknown:
-        raise ConfigError(
-            "scheduler",
-            f"{name} takes {', '.join(SCHEDULERS[name]) or 'no keys'}, not {', '.join(unknown)}",
-        )
-    out: dict[str, Any] = {"name": name, **SCHEDULERS[name], **spec}
+    out = _named("scheduler", spec, SCHEDULERS)
+    name = out["name"]
     if name == "plateau":
         out["factor"] = check_float("scheduler.factor", out["factor"], 0.0, inclusive=False)
         if out["factor"] >= 1:
@@ -101,17 +110,8 @@ def check_kl(spec: Any) -> dict[str, Any] | None:
     objective (constant beta, no free bits). A ConfigError names the key (``kl.<key>``)."""
     if spec is None:
         return None
-    if not isinstance(spec, Mapping):
-        raise ConfigError("kl", f"must be a mapping with a name, got {spec!r}")
-    spec = {str(k): v for k, v in spec.items()}
-    name = spec.pop("name", None)
-    if name not in KL_SCHEDULES:
-        raise ConfigError("kl.name", f"must be one of {', '.join(KL_SCHEDULES)}, got {name!r}")
-    allowed = {**KL_SCHEDULES[name], "free_bits": 0.0}
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-        raise ConfigError("kl", f"{name} takes {', '.join(allowed)}, not {', '.join(unknown)}")
-    out: dict[str, Any] = {"name": name, **allowed, **spec}
+    out = _named("kl", spec, KL_SCHEDULES, common={"free_bits": 0.0})
+    name = out["name"]
     out["free_bits"] = check_float("kl.free_bits", out["free_bits"], 0.0)
     if name == "warmup":
         out["length"] = check_int("kl.length", out["length"], 1)
