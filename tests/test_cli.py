@@ -140,6 +140,7 @@ def test_one_real_epoch_of_seed1_vae(real_data_dir, tmp_path):
         "experiment=seed1_vae_mnist",
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
+        "callbacks.latent_probe.max_train=10000",  # the probe on 55k codes is 16 s of 26
         f"paths.data_dir={real_data_dir}",
         f"hydra.run.dir={out}",
     )
