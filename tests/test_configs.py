@@ -115,7 +115,7 @@ def test_unknown_model_name_lists_the_options(compose_cfg):
     assert "vea" in str(info.value)
 
 
-@pytest.mark.parametrize("model", ["vae", "ae", "conv_vae"])
+@pytest.mark.parametrize("model", ["vae", "ae", "conv_vae", "conv_vae_deep"])
 def test_fast_dev_run_of_each_model_through_train(compose_cfg, tmp_path, model):
     cfg = compose_cfg(f"model={model}", "debug=fast")
     value = train(cfg)
@@ -127,7 +127,8 @@ def test_fast_dev_run_of_each_model_through_train(compose_cfg, tmp_path, model):
     expected = {"loss", "recon", "mse"} | ({"kl"} if model != "ae" else set())
     for stage in ("train", "val", "test"):
         assert {k.split("/")[1] for k in record["metrics"] if k.startswith(stage)} >= expected
-    assert record["hparams"]["model"] == {"vae": "VAE", "ae": "AE", "conv_vae": "ConvVAE"}[model]
+    names = {"vae": "VAE", "ae": "AE", "conv_vae": "ConvVAE", "conv_vae_deep": "ConvVAE"}
+    assert record["hparams"]["model"] == names[model]
 
 
 def test_limit_run_writes_history_and_reloadable_checkpoints(compose_cfg):
@@ -182,3 +183,19 @@ def test_missing_data_says_what_to_run(compose_cfg, tmp_path):
 def test_model_classes_match_configs(compose_cfg, model_cls):
     name = {VAE: "vae", AE: "ae", ConvVAE: "conv_vae"}[model_cls]
     assert isinstance(hydra.utils.instantiate(compose_cfg(f"model={name}").model), model_cls)
+
+
+def test_the_deeper_convvae_trains_and_reloads_with_its_batchnorm_statistics(compose_cfg):
+    cfg = compose_cfg("model=conv_vae_deep", "debug=limit", "callbacks=minimal")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["epochs"] == 2
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = ConvVAE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert model.hparams.batchnorm and model.hparams.extra_channels == 256
+    stats = [k for k in saved if k.endswith("running_var")]
+    assert len(stats) == 7  # every BatchNorm's statistics travel, and were updated in training
+    for key in stats:
+        assert torch.equal(model.state_dict()[key], saved[key])
+        assert not torch.equal(saved[key], torch.ones_like(saved[key])), key

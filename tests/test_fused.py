@@ -97,6 +97,7 @@ def test_padding_stays_zero_and_unstacking_an_untrained_stack_gives_each_job_bac
         (lambda: [VAE(), AE()], "cannot stack a AE"),
         (lambda: [VAE(lr=1e-3), VAE(lr=1e-4)], "lr"),
         (lambda: [], "at least one model"),
+        (lambda: [ConvVAE(batchnorm=True), ConvVAE(batchnorm=True)], "BatchNorm"),
     ],
 )
 def test_jobs_that_differ_in_more_than_the_stackable_keys_are_refused(models, message):

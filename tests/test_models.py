@@ -199,3 +199,44 @@ def test_a_run_continues_from_a_checkpoint_written_before_the_redesign(compose_c
     assert record["status"] == "ok" and record["epochs"] == 2  # epoch 0 from the old history
     rows = (Path(cfg.paths.output_dir) / "history.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in rows[1:]] == [["0", "3"], ["1", "6"]]
+
+
+def test_the_deeper_convvae_adds_a_256_channel_layer_batchnorm_and_leaky_relu():
+    from vae_lightning.config import compose
+
+    hp = dict(compose(["model=conv_vae_deep"]).model)
+    hp = {k: v for k, v in hp.items() if k not in ("_target_", "in_shape")}
+    model = ConvVAE(**hp)
+    plain = ConvVAE()
+    extra = [m for m in model.encoder.conv if isinstance(m, torch.nn.Conv2d)][-1]
+    assert (extra.out_channels, extra.kernel_size, extra.stride) == (256, (3, 3), (1, 1))
+    assert model.encoder.fc.in_features == 256 * 3 * 3
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 4 + 3
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+    # seed 2's own model is built exactly as before: the same state_dict keys
+    assert "encoder.conv.0.weight" in plain.state_dict() and not any(
+        "running_mean" in k for k in plain.state_dict()
+    )
+    x = torch.rand(6, 1, 28, 28)
+    assert model.terms(x)["loss"].isfinite()
+    # evaluation uses BatchNorm's running statistics: an image's code does not depend on the
+    # other images of its batch (in training it does)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x)[0][:2], model.encode(x[:2])[0])
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(x)[0][:2], model.encode(x[:2])[0])
+
+
+@pytest.mark.parametrize(
+    ("hp", "message"),
+    [
+        ({"extra_channels": 0}, "extra_channels must be an integer >= 1"),
+        ({"activation": "gelu"}, "activation must be one of relu, leaky_relu"),
+        ({"batchnorm": "yes"}, "batchnorm must be true or false"),
+    ],
+)
+def test_bad_deeper_convvae_options_name_the_key(hp, message):
+    with pytest.raises(ConfigError, match=message):
+        ConvVAE(**hp)

@@ -81,6 +81,9 @@ class Stack:
                     f"different from the first job's {self.kind.__name__}: only "
                     f"{', '.join(STACKABLE)} (and seed) may differ within a stack",
                 )
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in first.modules()):
+            # under vmap a training-mode BatchNorm cannot update its running statistics
+            raise ConfigError("model", "cannot stack a model with BatchNorm (batchnorm=true)")
         self.latent_dims = [m.latent_dim for m in models]
         self.d_max = max(self.latent_dims)
         template = self.kind(**{**self.hparams[0], "latent_dim": self.d_max})

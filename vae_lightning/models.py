@@ -22,9 +22,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.errors import ConfigError, check_float, check_int
+from vae_lightning.errors import ConfigError, check_choice, check_float, check_int
 from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
-from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vae_lightning.networks import (
+    ACTIVATIONS,
+    ConvDecoder,
+    ConvEncoder,
+    MLPDecoder,
+    MLPEncoder,
+)
 from vae_lightning.schedules import check_kl, check_scheduler, kl_weight, lr_scheduler
 from vae_lightning.step import AutomaticStep
 
@@ -349,7 +355,12 @@ class VAE(_GaussianVAE):
 
 
 class ConvVAE(_GaussianVAE):
-    """Seed 2's convolutional VAE: Conv 32/64/128 (k4 s2 p1), flatten 1152, latent 32."""
+    """Seed 2's convolutional VAE: Conv 32/64/128 (k4 s2 p1), flatten 1152, latent 32.
+
+    Seed 2's proposed deeper model (``model=conv_vae_deep``): ``extra_channels=256`` (a k3 s1
+    convolution at 3x3, mirrored in the decoder), ``batchnorm=true``, ``activation=leaky_relu``.
+    BatchNorm uses batch statistics in training and its running statistics in evaluation
+    (validation, test, the callbacks' views and vae-evaluate all run in eval mode)."""
 
     def __init__(
         self,
@@ -362,10 +373,18 @@ class ConvVAE(_GaussianVAE):
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
         kl: dict[str, Any] | None = None,
+        extra_channels: int | None = None,
+        batchnorm: bool = False,
+        activation: str = "relu",
     ) -> None:
         super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl)
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
+        if hp["extra_channels"] is not None:
+            hp["extra_channels"] = check_int("extra_channels", hp["extra_channels"], 1)
+        if not isinstance(hp["batchnorm"], bool):
+            raise ConfigError("batchnorm", f"must be true or false, got {hp['batchnorm']!r}")
+        hp["activation"] = check_choice("activation", hp["activation"], ACTIVATIONS)
         try:
             channels = [int(c) for c in hp["channels"]]
         except (TypeError, ValueError):
@@ -380,8 +399,11 @@ class ConvVAE(_GaussianVAE):
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         hp = self.hparams
         (c, h, w), channels = hp.in_shape, hp.channels
-        encoder = ConvEncoder(c, channels, 2 * hp.latent_dim, in_size=h)
-        decoder = ConvDecoder(hp.latent_dim, channels, c, start_size=encoder.out_spatial)
+        deep = {
+            "extra_channels": hp.extra_channels, "batchnorm": hp.batchnorm, "act": hp.activation,
+        }  # fmt: skip
+        encoder = ConvEncoder(c, channels, 2 * hp.latent_dim, in_size=h, **deep)
+        decoder = ConvDecoder(hp.latent_dim, channels, c, start_size=encoder.out_spatial, **deep)
         if h != w or decoder.out_size != h:
             raise ConfigError(
                 "channels",

@@ -47,21 +47,49 @@ class MLPDecoder(nn.Module):
         return self.net(z).view(-1, *self.out_shape)
 
 
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def activation(name: str) -> nn.Module:
+    """ReLU (seed 2), or LeakyReLU with slope 0.2 (seed 2's proposed deeper model)."""
+    return nn.LeakyReLU(0.2) if name == "leaky_relu" else nn.ReLU()
+
+
+def _block(conv: nn.Module, channels: int, batchnorm: bool, act: str) -> list[nn.Module]:
+    return [conv, *([nn.BatchNorm2d(channels)] if batchnorm else []), activation(act)]
+
+
 class ConvEncoder(nn.Module):
     """Seed 2's encoder: Conv2d k4 s2 p1 per channel count, ReLU, flatten, Linear.
 
     For 28x28 and channels (32, 64, 128): 28 -> 14 -> 7 -> 3, flatten 128 * 3 * 3 = 1152.
+    Seed 2's deeper variant: ``extra_channels`` adds a k3 s1 p1 convolution at the smallest
+    size (3x3, e.g. 256 channels), ``batchnorm`` a BatchNorm2d after every convolution,
+    ``act`` "leaky_relu". The defaults build exactly seed 2's layers (and state_dict keys).
     """
 
     def __init__(
-        self, in_channels: int, channels: Sequence[int], out_features: int, in_size: int = 28
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        out_features: int,
+        in_size: int = 28,
+        extra_channels: int | None = None,
+        batchnorm: bool = False,
+        act: str = "relu",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in, size = in_channels, in_size
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            layers += _block(
+                nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), c, batchnorm, act
+            )
             c_in, size = c, size // 2  # k4 s2 p1 halves (rounding down)
+        if extra_channels:
+            conv = nn.Conv2d(c_in, extra_channels, kernel_size=3, stride=1, padding=1)
+            layers += _block(conv, extra_channels, batchnorm, act)
+            c_in = extra_channels
         self.conv = nn.Sequential(*layers, nn.Flatten())
         self.out_spatial = size
         self.fc = nn.Linear(c_in * size * size, out_features)
@@ -73,25 +101,34 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Seed 2's decoder, the encoder mirrored: Linear to (C, 3, 3), ConvTranspose2d k4 s2 p1.
 
-    The first transposed convolution has ``output_padding=1`` so that 3 -> 7 -> 14 -> 28.
-    No activation after the last layer: it returns logits.
+    The first stride-2 transposed convolution has ``output_padding=1`` so that 3 -> 7 -> 14 ->
+    28. No activation after the last layer: it returns logits. ``extra_channels``,
+    ``batchnorm`` and ``act`` mirror the encoder's.
     """
 
     def __init__(
-        self, latent_dim: int, channels: Sequence[int], out_channels: int, start_size: int = 3
+        self,
+        latent_dim: int,
+        channels: Sequence[int],
+        out_channels: int,
+        start_size: int = 3,
+        extra_channels: int | None = None,
+        batchnorm: bool = False,
+        act: str = "relu",
     ) -> None:
         super().__init__()
         rev = list(channels)[::-1]  # (128, 64, 32)
-        self.start = (rev[0], start_size, start_size)
-        self.fc = nn.Linear(latent_dim, rev[0] * start_size * start_size)
+        top = extra_channels or rev[0]
+        self.start = (top, start_size, start_size)
+        self.fc = nn.Linear(latent_dim, top * start_size * start_size)
+        self.act = activation(act)
         layers: list[nn.Module] = []
+        if extra_channels:
+            conv = nn.ConvTranspose2d(extra_channels, rev[0], 3, 1, 1)
+            layers += _block(conv, rev[0], batchnorm, act)
         for i, (c_in, c_out) in enumerate(zip(rev, [*rev[1:], out_channels], strict=True)):
-            last = i == len(rev) - 1
-            layers.append(
-                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=1 if i == 0 else 0)
-            )
-            if not last:
-                layers.append(nn.ReLU())
+            conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=1 if i == 0 else 0)
+            layers += [conv] if i == len(rev) - 1 else _block(conv, c_out, batchnorm, act)
         self.deconv = nn.Sequential(*layers)
         # k4 s2 p1 doubles, plus output_padding on the first layer: 3 -> 7 -> 14 -> 28
         self.out_size = start_size * 2 + 1
@@ -99,5 +136,5 @@ class ConvDecoder(nn.Module):
             self.out_size *= 2
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc(z)).view(-1, *self.start)  # (B, 128, 3, 3)
+        h = self.act(self.fc(z)).view(-1, *self.start)  # (B, 128, 3, 3)
         return self.deconv(h)  # (B, 1, 28, 28) logits
