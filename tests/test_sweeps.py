@@ -239,7 +239,10 @@ def test_each_job_of_a_parallel_sweep_records_its_own_gpu(compose_cfg, monkeypat
     for job in range(8):
         monkeypatch.setattr(HydraConfig, "get", lambda job=job: SimpleNamespace(
             job=SimpleNamespace(num=job)))  # fmt: skip
-        cfg = compose_cfg("trainer.accelerator=auto")  # the default, which small runs set to cpu
+        cfg = compose_cfg("trainer.accelerator=auto", "spread_gpus=true")  # small runs: cpu
         config.spread_over_gpus(cfg)
         assigned.append(cfg.trainer.devices)
     assert assigned == [[0], [1], [2], [3], [0], [1], [2], [3]]
+    cfg = compose_cfg("trainer.accelerator=auto")  # off by default: Lightning's GPU 0
+    config.spread_over_gpus(cfg)
+    assert cfg.trainer.devices == 1

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
-from vae_lightning.files import FolderBusy, file_lock, lock_folder
+from vae_lightning.files import FolderBusy, file_lock, lock_folder, make_writable_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -150,12 +149,12 @@ def job_devices(devices: Any, accelerator: Any, job_num: int | None, n_gpus: int
 
 
 def spread_over_gpus(cfg: DictConfig) -> None:
-    """Give this multirun job its GPU (``job_devices``), before the config is saved, so the run's
-    .hydra/config.yaml says where it trained."""
+    """With ``spread_gpus=true``, give this multirun job its GPU (``job_devices``), before the
+    config is saved, so the run's .hydra/config.yaml says where it trained."""
     import torch
     from hydra.core.hydra_config import HydraConfig
 
-    if not in_multirun() or not torch.cuda.is_available():
+    if not cfg.get("spread_gpus") or not in_multirun() or not torch.cuda.is_available():
         return
     n_gpus = torch.cuda.device_count()
     trainer = cfg.trainer
@@ -183,9 +182,8 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     config before the check. Through the compose API (tests, reproduce) config.yaml is saved
     resolved, as there is no Hydra runtime to resolve it later."""
     from hydra.core.hydra_config import HydraConfig
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    if rank_zero_only.rank != 0:  # DDP's other processes run with other Hydra settings
+    if _ddp_child():  # DDP's other processes run with other Hydra settings
         return
     folder = output_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,6 +204,8 @@ def check_run_config(cfg: DictConfig) -> None:
     check_int("seed", cfg.get("seed"), 0)
     if cfg.get("threads") is not None:
         check_int("threads", cfg.get("threads"), 1)
+    if not isinstance(cfg.get("spread_gpus", False), bool):
+        raise ConfigError("spread_gpus", f"must be true or false, got {cfg.get('spread_gpus')!r}")
     if not isinstance(cfg.get("test", True), bool):
         raise ConfigError("test", f"must be true or false, got {cfg.get('test')!r}")
     resume = cfg.get("resume")
@@ -382,8 +382,7 @@ def _ddp_child() -> bool:
 def _make_folder(folder: Any, key: str) -> Path:
     path = Path(str(folder))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # writable (an unnamed file: nothing added)
+        make_writable_folder(path)
     except OSError as err:
         _exit_with(
             f"error: {key} {path} cannot be created ({err.strerror or err}). Choose another "

@@ -50,6 +50,13 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_text(path, text)
 
 
+def make_writable_folder(path: Path) -> None:
+    """Create ``path`` (and its parents) and check that a file can be written in it (an unnamed
+    temporary file, removed at once: nothing is added). Raises OSError otherwise."""
+    path.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path`` (created), held for the block: processes take turns."""

@@ -1,8 +1,8 @@
 """The one training entry point: ``python -m vae_lightning.train [overrides]`` (``vae-train``).
 
 Wiring only: check, seed, instantiate, fit, test, record. Single runs and multiruns (``-m``)
-alike; CPU or GPU by ``trainer.accelerator``. The run record and the run folder's rules are
-``run``, the Hydra glue ``config``, checkpoint checks ``checkpoints``.
+alike; CPU or GPU by ``trainer.accelerator``. The run record is ``run``, the run folder's
+rules ``run_folder``, the Hydra glue ``config``, checkpoint checks ``checkpoints``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ def train(cfg: DictConfig) -> float | None:
     Everything that can refuse the run (the values, the folder, the checkpoint to resume) is
     checked before anything is written into the run folder.
     """
-    config.check_run_config(
-        cfg
-    )  # first, so that a bad value is refused without importing Lightning
+    # first, so that a bad value is refused without importing Lightning
+    config.check_run_config(cfg)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from vae_lightning.run import RunRecord
@@ -176,15 +175,12 @@ def _best_checkpoint(trainer: Any, record: Any) -> str | None:
 
 
 def _check_writable(output_dir: Path) -> None:
-    """The run folder exists (created) and can be written: a temporary file is created in it
-    (and removed at once) when it is not already writable by its permissions."""
-    import tempfile
-
+    """The run folder exists (created) and can be written, else one line naming it."""
     from vae_lightning.errors import ConfigError
+    from vae_lightning.files import make_writable_folder
 
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
+        make_writable_folder(output_dir)
     except OSError as err:
         raise ConfigError(
             "paths.output_dir",
