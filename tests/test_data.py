@@ -248,6 +248,35 @@ def test_split_sizes_and_validation_disjoint_from_train(data_dir):
     assert sum(len(b[0]) for b in module.train_dataloader()) == N_TRAIN - 100
 
 
+def test_lightning_reshuffles_the_training_set_every_epoch(data_dir):
+    """Through a real Trainer: Lightning itself must tell the loader the epoch (it once did
+    not, and every epoch saw the first epoch's order)."""
+    import lightning as L
+
+    from vae_lightning.models import VAE
+
+    seen: list[list[int]] = []
+
+    class FirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(batch[1].tolist())
+
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=1, limit_val_batches=0, callbacks=[FirstBatch()],
+        logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(VAE(latent_dim=2, hidden_dim=8), datamodule=dm(data_dir, batch_size=32))
+    assert len(seen) == 3 and seen[0] != seen[1] and seen[1] != seen[2]
+    expected = []
+    for epoch in range(3):  # the order is (seed, epoch)'s, as a resumed run recomputes it
+        loader = dm(data_dir, batch_size=32).train_dataloader()
+        loader.set_epoch(epoch)
+        expected.append(next(iter(loader))[1].tolist())
+    assert seen == expected
+
+
 def test_val_on_test_uses_all_training_images(data_dir):
     module = dm(data_dir, val_on_test=True)
     assert len(module.splits["train"][0]) == N_TRAIN

@@ -76,8 +76,10 @@ def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 class InMemoryBatches:
     """Batches of an in-memory split, sliced by a seeded permutation, sharded across processes.
 
-    Lightning calls ``batch_sampler.set_epoch(epoch)`` on any loader that has one, so the order
-    depends only on (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
+    Lightning calls ``sampler.set_epoch(epoch)`` at the start of every training epoch on any
+    loader whose ``sampler`` (or ``batch_sampler.sampler``) has one, so the order depends only on
+    (seed, epoch): a new order each epoch, and a resumed run sees the same batches as an
+    uninterrupted one.
     Under DDP (``world_size > 1``) each rank takes a disjoint stride of the permutation; for
     training (``even=True``) the permutation is padded with its own first indices, as
     DistributedSampler does, so that every rank has the same number of batches; for evaluation
@@ -101,7 +103,9 @@ class InMemoryBatches:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.even = rank, world_size, even
         self.epoch = 0
-        self.batch_sampler = self  # so that Lightning's _set_sampler_epoch finds set_epoch
+        # where Lightning's _set_sampler_epoch looks for set_epoch (loader.sampler and
+        # loader.batch_sampler.sampler; batch_sampler itself is not asked)
+        self.sampler = self.batch_sampler = self
         self.consumed = 0  # batches of this epoch that reached a training step
         self._skip = 0  # batches to skip at the next iteration (resuming mid-epoch)
 
