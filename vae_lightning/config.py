@@ -255,6 +255,9 @@ def resume_command(output_dir: Path) -> str:
 def quiet_known_warnings() -> None:
     # Lightning 2.6 + torch 2.14 warn on every batch transfer about an internal pytree API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # every resumed run writes into its own checkpoints/ again; claim_folder has already refused
+    # a folder holding another run's checkpoints
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # --- the tools' entry point ---------------------------------------------------------------------

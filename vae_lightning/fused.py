@@ -12,14 +12,15 @@ stay zero. Each job keeps its own initialisation (it is built alone, from its ow
 batches, its own noise (drawn by its own generator at its own size) and its own Adam state;
 ``unstack(j)`` returns job j as an ordinary model of its own size.
 
-This is the stacked step only; the Hydra launcher that groups a sweep's jobs and writes each
-one's run folder is built on it.
+This is the stacked maths; ``fused_group.py`` trains a sweep's group of jobs with it and
+writes each one's run folder, and ``hydra_plugins/vae_lightning_fused`` is the Hydra launcher.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -54,6 +55,15 @@ def _blocks(
     for choices in axes:
         pairs = [((*b, bs), (*s, ss)) for b, s in pairs for bs, ss in choices]
     return pairs
+
+
+class _Encode(torch.nn.Module):
+    def __init__(self, model: Autoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model.encode(x)
 
 
 class Stack:
@@ -102,6 +112,13 @@ class Stack:
             list(self.params.values()), lr=first.lr, fused=bool(fused) or None
         )
         self._vmapped = vmap(self._one, randomness="error")
+        # every job on the same batch (a grid over beta and latent_dim at one seed): the batch
+        # is not copied per job, and the first layer is one matrix product for all of them
+        self._vmapped_shared = vmap(self._one, in_dims=(0, 0, None, 0, 0, 0), randomness="error")
+        self._encoder = _Encode(self.base)  # functional_call runs forward: encode as forward
+        self._encode = vmap(lambda p, b, x: functional_call(self._encoder, {
+            **{f"model.{k}": v for k, v in p.items()},
+            **{f"model.{k}": v for k, v in b.items()}}, (x,)))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.latent_dims)
@@ -121,14 +138,19 @@ class Stack:
     def _one(self, params: dict, buffers: dict, x, noise, mask, beta) -> dict[str, torch.Tensor]:
         out = functional_call(self.base, (params, buffers), (x,), {"noise": noise, "mask": mask,
                                                                    "beta": beta})  # fmt: skip
-        return {k: v for k, v in out.items() if v.ndim == 0}
+        # the batch means, and the AE's codes (its sampling Gaussian is fitted to them)
+        return {k: v for k, v in out.items() if v.ndim == 0 or k == "z"}
 
     def terms(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Every job's loss terms, each (J,), for ``xs`` (J, B, C, H, W) and ``noise`` (J, B,
-        d_max) from ``draw_noise`` (None for the AE, which draws none)."""
+        """Every job's loss terms, each (J,), for ``xs`` (J, B, C, H, W): a batch per job, or
+        (B, C, H, W): one batch for all; ``noise`` (J, B, d_max) from ``draw_noise`` (None for
+        the AE, which draws none)."""
+        shared = xs.dim() == len(self.hparams[0]["in_shape"]) + 1
         if noise is None:
-            noise = torch.zeros(len(self), xs.size(1), self.d_max, device=xs.device)
-        return self._vmapped(self.params, self.buffers, xs, noise, self.mask, self.beta)
+            batch = xs.size(0) if shared else xs.size(1)
+            noise = torch.zeros(len(self), batch, self.d_max, device=xs.device)
+        run = self._vmapped_shared if shared else self._vmapped
+        return run(self.params, self.buffers, xs, noise, self.mask, self.beta)
 
     def step(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One Adam step of every job on its own batch; their terms before the step, each (J,).
@@ -139,6 +161,62 @@ class Stack:
         out.get("objective", out["loss"]).sum().backward()
         self.optimizer.step()
         return {k: v.detach() for k, v in out.items()}
+
+    @torch.no_grad()
+    def evaluate(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Every job's loss terms on its own batch, each (J,), without training."""
+        return {k: v for k, v in self.terms(xs, noise).items() if v.ndim == 1}
+
+    @torch.no_grad()
+    def encode(self, xs: torch.Tensor) -> Any:
+        """Every job's ``encode`` of its own batch (VAEs: mu and logvar, each (J, B, d_max);
+        a padded job's unused dimensions are zero); ``xs`` as for ``terms``."""
+        if xs.dim() == len(self.hparams[0]["in_shape"]) + 1:
+            xs = xs.expand(len(self), *xs.shape)
+        return self._encode(self.params, self.buffers, xs)
+
+    def keep(self, jobs: Sequence[int]) -> None:
+        """Go on with ``jobs`` only (indices into the stack), each with its Adam state: a job
+        that failed leaves the others' maths untouched."""
+        index = torch.tensor(list(jobs), device=self.mask.device)
+        old = self.optimizer
+        fresh = {k: v[index].detach().requires_grad_() for k, v in self.params.items()}
+        self.optimizer = torch.optim.Adam(list(fresh.values()), **{
+            k: v for k, v in old.param_groups[0].items() if k != "params"})  # fmt: skip
+        for before, after in zip(self.params.values(), fresh.values(), strict=True):
+            state = old.state.get(before)
+            if state:
+                self.optimizer.state[after] = {
+                    k: (v[index].clone() if k != "step" else v.clone()) for k, v in state.items()
+                }
+        self.params = fresh
+        self.buffers = {k: v[index] for k, v in self.buffers.items()}
+        self.mask, self.beta = self.mask[index], self.beta[index]
+        self.hparams = [self.hparams[j] for j in jobs]
+        self.latent_dims = [self.latent_dims[j] for j in jobs]
+
+    def adam_state(self, j: int, model: Autoencoder) -> dict[str, Any]:
+        """Job ``j``'s Adam state as ``torch.optim.Adam(model.parameters()).state_dict()`` of
+        the job alone would hold it (``model``: ``unstack(j)``)."""
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        names = [name for name, _ in model.named_parameters()]
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        d = self.latent_dims[j]
+        for i, (name, own) in enumerate(model.named_parameters()):
+            stacked = self.optimizer.state.get(self.params[name])
+            if not stacked:
+                continue
+            cut: dict[str, torch.Tensor] = {}
+            for key, value in stacked.items():
+                if key == "step":
+                    cut[key] = value.detach().clone().cpu()
+                    continue
+                piece = torch.empty_like(own, device="cpu")
+                for in_big, in_small in _blocks(own.shape, value.shape[1:], d, self.d_max):
+                    piece[in_small] = value[j][in_big].detach().cpu()
+                cut[key] = piece
+            state[i] = cut
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
 
     def draw_noise(self, generators: Sequence[torch.Generator], batch: int) -> torch.Tensor | None:
         """eps for one batch per job, each from its job's generator at its own size (B,

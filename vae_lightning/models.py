@@ -222,6 +222,7 @@ class AE(Autoencoder):
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_cov", torch.eye(latent_dim))
         self._code_stats: list[torch.Tensor] | None = None
+        self._resumed_stats: list[torch.Tensor] | None = None
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return _mlp(self.hparams, out_features=self.hparams.latent_dim)
@@ -252,8 +253,24 @@ class AE(Autoencoder):
 
     def on_train_epoch_start(self) -> None:
         kw = {"device": self.code_mean.device, "dtype": torch.float64}
+        resumed, self._resumed_stats = self._resumed_stats, None
+        if resumed is not None:  # a run resumed mid-epoch goes on with the epoch's moments
+            self._code_stats = [t.to(**kw) for t in resumed]
+            return
         d = self.latent_dim
         self._code_stats = [torch.zeros(d, **kw), torch.zeros(d, d, **kw), torch.zeros((), **kw)]
+
+    # the moments of a partial epoch travel in checkpoints (a run resumed mid-epoch, or a job
+    # handed over by the fused launcher, fits its Gaussian to the whole epoch's codes)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._code_stats is not None and self._trainer is not None and self._trainer.training:
+            checkpoint["vae_lightning"]["code_stats"] = [t.cpu() for t in self._code_stats]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        stats = (checkpoint.get("vae_lightning") or {}).get("code_stats")
+        self._resumed_stats = [torch.as_tensor(t) for t in stats] if stats else None
 
     def on_train_epoch_end(self) -> None:
         if self._code_stats is None:

@@ -168,9 +168,12 @@ class History(L.Callback):
         self.first_step_unix: float | None = None
         self._t0 = self._t_val = 0.0
         self._train_s = self._val_s = math.nan
+        self._carried = 0.0  # training seconds of this epoch spent before a resume
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._train_s, self._val_s = time.perf_counter(), math.nan, math.nan
+        self._t0 -= self._carried
+        self._carried = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.first_step_unix is None:  # for the start-up time: process start to first step
@@ -199,12 +202,17 @@ class History(L.Callback):
         self.rows.append(row)
         self._write()
 
-    # rows travel in checkpoints, so a resumed run's history.csv keeps the earlier epochs
+    # rows travel in checkpoints, so a resumed run's history.csv keeps the earlier epochs; so
+    # does the training time of an epoch saved part-way (epoch_s), which the resumed epoch adds
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        in_epoch = self._t0 and math.isnan(self._train_s)
+        return {"rows": self.rows, "epoch_s": time.perf_counter() - self._t0 if in_epoch else 0.0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
+        self._carried = float(state_dict.get("epoch_s", 0.0))
+        # a run resumed part-way through an epoch may not start that epoch again
+        self._t0 = time.perf_counter() - self._carried
 
     def final_metrics(self) -> dict[str, float]:
         """The last epoch's metrics (no timings): what a run resumed after its last epoch
@@ -372,10 +380,11 @@ class NonFiniteStop(L.Callback):
 
 
 class ExactResume(L.Callback):
-    """The global RNG state travels in checkpoints, so the reparameterisation noise of a resumed
-    run continues exactly where it stopped. Applied at the first training batch: the sanity
-    check would consume noise first. Also records the dataset (``vae_lightning.dataset``), which
-    ``check_resume`` compares with the configured one."""
+    """The global RNG state travels in checkpoints, so the noise of a resumed run (the
+    reparameterisation's, ``binarize=dynamic``'s) continues exactly where it stopped. Applied
+    when training starts: after the sanity check (whose draws Lightning undoes), before the
+    first batch is fetched and binarized. Also records the dataset (``vae_lightning.dataset``),
+    which ``check_resume`` compares with the configured one."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
@@ -397,7 +406,7 @@ class ExactResume(L.Callback):
         if "torch_rng" in legacy:
             self._pending = {"torch_rng": legacy["torch_rng"], "cuda_rng": legacy.get("cuda_rng")}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is None:
             return
         torch.set_rng_state(self._pending["torch_rng"].cpu())

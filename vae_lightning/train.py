@@ -49,8 +49,9 @@ def train(cfg: DictConfig) -> float | None:
         return _run(cfg, output_dir)
 
 
-def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None]:
-    """Seed; the data, the model and the checkpoint to resume from, checked to fit."""
+def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, dict | None]:
+    """Seed; the data, the model and the checkpoint to resume from, checked to fit; and, for
+    a job the fused launcher trained in a group, what the group recorded (its timings)."""
     import lightning as L
 
     from vae_lightning.checkpoints import check_fits
@@ -60,11 +61,13 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None]:
     datamodule = config.instantiate(cfg.data, "data")
     model = config.instantiate(cfg.model, "model")
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
+    fused = None
     if ckpt_path is not None:
         checkpoint = check_fits(ckpt_path, model)
         check_resume(checkpoint, ckpt_path, datamodule, cfg.trainer.get("max_epochs"), output_dir)
         log.info("resuming from %s", ckpt_path)
-    return datamodule, model, ckpt_path
+        fused = (checkpoint.get("vae_lightning") or {}).get("fused")
+    return datamodule, model, ckpt_path, fused
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> float | None:
@@ -79,7 +82,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     )  # fmt: skip
 
     try:
-        datamodule, model, ckpt_path = _prepare(cfg, output_dir)
+        datamodule, model, ckpt_path, fused = _prepare(cfg, output_dir)
     except USER_ERRORS as err:
         if RunRecord.read(output_dir) is None:  # a new folder records why (sweep reports list
             config.save_config(cfg, output_dir)  # it); an earlier run's record is kept as it is
@@ -103,6 +106,9 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
         t_fit = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         record.data["time/fit_s"] = time.perf_counter() - t_fit
+        if fused:  # trained in a fused group: its share of the group's training counts too
+            record.data["fused"] = fused
+            record.data["time/fit_s"] += fused.get("fit_share_s", 0.0)
         if trainer.interrupted:
             raise RuntimeError("training was interrupted")
         if not record.history.rows:
@@ -114,14 +120,15 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
         record.add_metrics(trainer.callback_metrics)
         best = _best_checkpoint(trainer, record)
         record.add_summaries(configured)
-        # counted before the test: testing the best checkpoint restores the callbacks' state
-        # as of that epoch, History's rows included
-        epochs = len(record.history.rows)
+        # kept before the test: testing the best checkpoint restores the callbacks' state as
+        # of that epoch, History's rows included
+        rows = list(record.history.rows)
         if cfg.get("test"):
             tested = _test(trainer, model, datamodule, best, record, cfg.seed)
+            record.history.rows = rows  # every epoch's timings for metrics.json
         else:
             tested = None
-        record.finish(epochs=epochs, best_checkpoint=best, tested=tested)
+        record.finish(epochs=len(rows), best_checkpoint=best, tested=tested)
         log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
     log.info("done: %s; run folder: %s", shown or record.metrics, output_dir)

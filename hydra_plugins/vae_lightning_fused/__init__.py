@@ -1,0 +1,1 @@
+"""``hydra/launcher=fused``: vae_lightning's launcher that trains a sweep's jobs as stacks."""
