@@ -41,7 +41,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError, check_path
+from vae_lightning.errors import ConfigError, RunError, check_path
 from vae_lightning.files import atomic_write_json
 from vae_lightning.losses import gaussian_kl, recon_bce
 from vae_lightning.train import train
@@ -302,6 +302,8 @@ def time_evaluate(ckpt: str, out: Path) -> float:
 
 @config.tool_main("bench", doc=__doc__)
 def main(cfg: DictConfig) -> None:
+    if cfg.sweep:
+        return _bench_sweeps(cfg)
     _check(cfg)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "vae_lightning.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -332,6 +334,24 @@ def main(cfg: DictConfig) -> None:
     summary["complete"] = True
     atomic_write_json(out, summary)
     log.info("\n".join(summary_lines(summary)))
+
+
+def _bench_sweeps(cfg: DictConfig) -> None:
+    """``sweep=true``: the sweep grid through each launcher (sweep_bench.py)."""
+    from vae_lightning import sweep_bench
+
+    if not isinstance(cfg.sweep, bool):
+        raise ConfigError("sweep", f"must be true or false, got {cfg.sweep!r}")
+    sweep_bench.check(cfg)
+    check_path("data_dir", cfg.data_dir, "folder", "give the folder of the raw files (`make data`)")
+    out = Path(check_path("out", cfg.out, "file", "give the file for the results"))
+    summary = {"complete": False, "torch": torch.__version__, "sweep": None}
+    summary["sweep"] = sweep_bench.time_sweeps(cfg)
+    summary["complete"] = all(r["complete"] for r in summary["sweep"]["launchers"].values())
+    atomic_write_json(out, summary)
+    log.info("\n".join(sweep_bench.sweep_lines(summary["sweep"])))
+    if not summary["complete"]:
+        raise RunError(f"a launcher left jobs unfinished (its error is above); see {out}")
 
 
 if __name__ == "__main__":
