@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 DATA_DIR ?= data
 ARGS ?=
 PYTEST_ARGS ?=
+# one pytest worker per core, a test file's tests in one worker (its module fixtures built once)
+PYTEST_WORKERS ?= -n auto --dist loadfile
 TB_HOST ?= 127.0.0.1
 TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
@@ -56,10 +58,10 @@ bench: data ## the framework's training path against a bare PyTorch loop (writes
 	$(BIN)/vae-bench data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 test: install ## run the test suite (slow tests included; under 10 minutes on 2 CPU cores)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without tests marked slow
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .

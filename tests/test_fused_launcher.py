@@ -25,7 +25,7 @@ GRID = [
     "data.verify=false", "data.download=false", "data.val_size=128", "data.batch_size=64",
     "trainer.accelerator=cpu", "trainer.enable_model_summary=false", "trainer.max_epochs=2",
     "model.hidden_dim=32", "callbacks.latent_probe.max_train=200", "callbacks=default",
-    "trainer.log_every_n_steps=4", "model.latent_dim=2,4", "model.beta=1,4",
+    "trainer.log_every_n_steps=4", "model.latent_dim=2,4", "model.beta=4",
 ]  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def sweep(data_dir: Path, out: Path, *args: str, status: int = 0) -> subprocess.
 
 @pytest.fixture(scope="module")
 def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
-    """The same 2x2 grid through the basic and the fused launcher."""
+    """The same grid (2 jobs: latent_dim 2 and 4) through the basic and the fused launcher."""
     root = tmp_path_factory.mktemp("fused")
     out = {"basic": root / "basic", "fused": root / "fused"}
     sweep(data_dir, out["basic"])
@@ -79,12 +79,12 @@ def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_a_fused_sweep_trains_one_stack_and_each_job_is_the_job_trained_alone(sweeps):
-    assert "fused launcher: 4 jobs; stacks of 4; 0 alone" in sweeps["log"]
+    assert "fused launcher: 2 jobs; stacks of 2; 0 alone" in sweeps["log"]
     basic, fused = records(sweeps["basic"]), records(sweeps["fused"])
-    assert set(basic) == set(fused) and len(fused) == 4
+    assert set(basic) == set(fused) and len(fused) == 2
     for name in basic:
         assert fused[name]["status"] == "ok"
-        assert fused[name]["fused"]["jobs"] == 4  # the group it trained in, and its timings
+        assert fused[name]["fused"]["jobs"] == 2  # the group it trained in, and its timings
         assert fused[name]["time/fit_s"] >= fused[name]["fused"]["fit_share_s"] > 0
         (a,) = sweeps["basic"].glob(f"*_{name}")
         (b,) = sweeps["fused"].glob(f"*_{name}")
@@ -100,8 +100,13 @@ def test_each_fused_job_folder_is_a_complete_run(sweeps):
     from vae_lightning.models import VAE
 
     out = sweeps["fused"]
-    assert "4 runs: 4 ok" in (out / "REPORT.md").read_text()
-    assert [json.loads(line)["status"] for line in open(out / "jobs.jsonl")] == ["ok"] * 4
+    for sweep_dir in (sweeps["basic"], out):  # the sweep's report: one table row per job
+        report = (sweep_dir / "REPORT.md").read_text()
+        assert "2 runs: 2 ok" in report
+        assert sum(line.startswith("| `") for line in report.splitlines()) == 2
+        assert (sweep_dir / "summary.csv").read_text().count("\n") == 3
+        assert (sweep_dir / "heatmap_test_loss.png").is_file()
+    assert [json.loads(line)["status"] for line in open(out / "jobs.jsonl")] == ["ok"] * 2
     for folder in (p for p in out.iterdir() if (p / "metrics.json").is_file()):
         record = json.loads((folder / "metrics.json").read_text())
         config = OmegaConf.load(folder / ".hydra" / "config.yaml")
@@ -123,7 +128,7 @@ def test_each_fused_job_folder_is_a_complete_run(sweeps):
 @pytest.mark.slow
 def test_a_fused_jobs_checkpoint_evaluates_to_its_recorded_test_loss(sweeps):
     record = next(r for r in records(sweeps["fused"]).values()
-                  if r["hparams"]["beta"] == 4 and r["hparams"]["latent_dim"] == 4)  # fmt: skip
+                  if r["hparams"]["latent_dim"] == 4)  # fmt: skip
     folder = Path(record["output_dir"])
     data_dir = OmegaConf.load(folder / ".hydra" / "config.yaml").paths.data_dir
     result = run_tool("vae-evaluate", f"ckpt='{record['best_checkpoint']}'",
@@ -153,7 +158,7 @@ def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir
     assert {r["status"] for r in records(out).values()} == {"interrupted"}
     resumed = run_cli(*command.split()[3:])  # "python -m vae_lightning.train" left out
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "4 runs: 4 ok" in (out / "REPORT.md").read_text()
+    assert "2 runs: 2 ok" in (out / "REPORT.md").read_text()
     for folder in (p for p in out.iterdir() if (p / "metrics.json").is_file()):
         (twin,) = sweeps["basic"].glob(f"*_{folder.name.split('_', 1)[1]}")
         assert_same_run(twin, folder)
@@ -337,3 +342,18 @@ def test_a_job_whose_loss_turns_non_finite_leaves_the_stack_and_the_others_go_on
         stacked[0].resume = True
     train(stacked[0])
     assert_same_run(tmp_path / "alone", tmp_path / "stack0")
+
+
+def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
+    """(Through the CLI the same line, exit status 2 and no traceback: Hydra instantiates the
+    launcher before any job, and lets SystemExit through.)"""
+    from hydra_plugins.vae_lightning_fused.fused_launcher import FusedLauncher
+
+    for bad in (0, -1, True):
+        with pytest.raises(SystemExit) as info:
+            FusedLauncher(max_group=bad)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: hydra.launcher.max_group must be a number of jobs >= 1")
+        assert err.count("\n") == 1
+    assert FusedLauncher(max_group=None).max_group is None

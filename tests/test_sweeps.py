@@ -34,7 +34,8 @@ def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+# basic and fused: tests/test_fused_launcher.py
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_a_2x2_sweep_through_each_launcher(data_dir, tmp_path, launcher):
     out = tmp_path / "sweep"
     sweep(data_dir, out, "model.latent_dim=2,4", "model.beta=1,2", f"hydra/launcher={launcher}")
