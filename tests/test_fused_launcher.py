@@ -349,11 +349,12 @@ def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
     launcher before any job, and lets SystemExit through.)"""
     from hydra_plugins.vae_lightning_fused.fused_launcher import FusedLauncher
 
-    for bad in (0, -1, True):
+    bad = [({"max_group": v}, "max_group must be a number of jobs >= 1") for v in (0, -1, True)]
+    bad += [({"n_jobs": v}, "n_jobs must be -1 (one process per core)") for v in (0, -2, 1.5)]
+    for kwargs, message in bad:
         with pytest.raises(SystemExit) as info:
-            FusedLauncher(max_group=bad)
+            FusedLauncher(**kwargs)
         assert info.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: hydra.launcher.max_group must be a number of jobs >= 1")
-        assert err.count("\n") == 1
-    assert FusedLauncher(max_group=None).max_group is None
+        assert err.startswith(f"error: hydra.launcher.{message}") and err.count("\n") == 1
+    assert FusedLauncher(max_group=None, n_jobs=3).n_jobs == 3

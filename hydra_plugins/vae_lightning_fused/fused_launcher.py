@@ -39,6 +39,10 @@ class FusedLauncherConf:
     _target_: str = "hydra_plugins.vae_lightning_fused.fused_launcher.FusedLauncher"
     # the most jobs trained as one stack (null: a whole group); smaller stacks use less memory
     max_group: int | None = None
+    # processes that then finish the jobs (each one's last batch, end of fit, test), and run the
+    # jobs that train alone: -1 one per core, 1 in this process. Each gets cores / n_jobs torch
+    # threads (train.py's thread policy), as under the joblib launcher
+    n_jobs: int = -1
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf)
@@ -54,14 +58,15 @@ class _Job:
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_group: int | None = None) -> None:
+    def __init__(self, max_group: int | None = None, n_jobs: int = -1) -> None:
         if max_group is not None and (isinstance(max_group, bool) or int(max_group) < 1):
-            sys.stderr.write(
-                f"error: hydra.launcher.max_group must be a number of jobs >= 1 or null, "
-                f"got {max_group!r}\n"
-            )
-            raise SystemExit(2)
+            _refuse(f"hydra.launcher.max_group must be a number of jobs >= 1 or null, got "
+                    f"{max_group!r}")  # fmt: skip
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+            _refuse(f"hydra.launcher.n_jobs must be -1 (one process per core) or a number of "
+                    f"processes >= 1, got {n_jobs!r}")  # fmt: skip
         self.max_group = None if max_group is None else int(max_group)
+        self.n_jobs = _cores() if n_jobs == -1 else n_jobs
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -85,10 +90,8 @@ class FusedLauncher(Launcher):
         returns: dict[int, JobReturn] = {}
         for n, group in enumerate(groups, 1):
             self._train_stack([jobs[i] for i in group], f"stack {n} of {len(groups)}")
-            for i in group:
-                returns[i] = self._run(jobs[i], handed_over=True)
-        for i in alone:
-            returns[i] = self._run(jobs[i], handed_over=False)
+            returns.update(zip(group, self._run([jobs[i] for i in group], True), strict=True))
+        returns.update(zip(alone, self._run([jobs[i] for i in alone], False), strict=True))
         return [returns[i] for i in range(len(jobs))]
 
     # --- planning ------------------------------------------------------------------------------
@@ -180,7 +183,9 @@ class FusedLauncher(Launcher):
                     job.output_dir.mkdir(parents=True, exist_ok=True)
                     held.enter_context(claim_folder(job.output_dir, None))
                 config.route_lightning_logs()
-                config.set_torch_threads(group[0].task.get("threads"))
+                # the stack has the machine to itself: every core (its jobs' processes later
+                # divide them)
+                config.set_torch_threads(group[0].task.get("threads") or _cores())
                 fused = FusedGroup([j.task for j in group], [j.output_dir for j in group])
                 fused.received = received[0] if received else None
                 dropped = fused.run()
@@ -222,24 +227,58 @@ class FusedLauncher(Launcher):
         return " ".join(["python -m vae_lightning.train -m", *keep, "resume=true",
                          f"hydra.sweep.dir={sweep_dir}"])  # fmt: skip
 
-    def _run(self, job: _Job, handed_over: bool) -> JobReturn:
-        """The job through Hydra's run_job, as the basic launcher runs it; a job handed over by
-        a stack continues from its checkpoint (``resume=true``)."""
+    def _run(self, jobs: list[_Job], handed_over: bool) -> list[JobReturn]:
+        """The jobs through Hydra's run_job, as the basic launcher runs them, or in ``n_jobs``
+        processes as the joblib launcher does (its ``execute_job``); a job handed over by a
+        stack continues from its checkpoint (``resume=true``)."""
         assert self.hydra_context is not None and self.task_function is not None
-        overrides = job.overrides
-        if handed_over:
-            overrides = [o for o in overrides if not o.startswith("resume=")] + ["resume=true"]
-        log.info("\t#%d : %s", job.num, " ".join(filter_overrides(overrides)))
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(config):
-            config.hydra.job.id = job.num
-            config.hydra.job.num = job.num
-        result = run_job(
-            hydra_context=self.hydra_context,
-            task_function=self.task_function,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return result
+        assert self.config is not None
+        runs = []
+        for job in jobs:
+            overrides = job.overrides
+            if handed_over:
+                overrides = [o for o in overrides if not o.startswith("resume=")]
+                overrides.append("resume=true")
+            log.info("\t#%d : %s", job.num, " ".join(filter_overrides(overrides)))
+            runs.append((job.num, overrides))
+        if self.n_jobs > 1 and len(runs) > 1:
+            from hydra.core.singleton import Singleton
+            from hydra_plugins.hydra_joblib_launcher._core import execute_job
+            from joblib import Parallel, delayed
+
+            state = Singleton.get_state()
+            results = Parallel(n_jobs=min(self.n_jobs, len(runs)), backend="loky")(
+                delayed(execute_job)(
+                    num, overrides, self.hydra_context, self.config, self.task_function, state
+                )
+                for num, overrides in runs
+            )
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            return list(results)
+        results = []
+        for num, overrides in runs:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            with open_dict(config):
+                config.hydra.job.id = num
+                config.hydra.job.num = num
+            results.append(
+                run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=self.task_function,
+                    config=config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return results
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _refuse(message: str) -> None:
+    """One line and exit status 2 (Hydra lets SystemExit through without a traceback)."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
