@@ -239,6 +239,22 @@ def test_what_cannot_be_stacked_runs_alone_with_the_reason(overrides, reason, tm
     assert got is None if reason is None else reason in got
 
 
+def test_on_a_gpu_machine_the_stack_waits_for_hydra_launcher_gpu(monkeypatch, tmp_path):
+    """The stack has not run on a GPU yet: where it would, its jobs run alone unless asked."""
+    cfg = compose(["data.verify=false", f"paths.output_dir={tmp_path}"])
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert "hydra.launcher.gpu=true" in why_not_fused(cfg)
+    assert why_not_fused(cfg, gpu=True) is None
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "cpu"
+    assert why_not_fused(cfg) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg.trainer.accelerator = "cuda"
+    assert "no CUDA GPU is here" in why_not_fused(cfg, gpu=True)
+
+
 def test_the_stacks_checkpoint_loop_state_is_lightnings(data_dir, tmp_path):
     """Compared key by key with what Lightning saves when a run stops in on_train_batch_end
     (StopOnSignal's checkpoint), at the points the fused loop writes them."""
@@ -351,6 +367,7 @@ def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
 
     bad = [({"max_group": v}, "max_group must be a number of jobs >= 1") for v in (0, -1, True)]
     bad += [({"n_jobs": v}, "n_jobs must be -1 (one process per core)") for v in (0, -2, 1.5)]
+    bad += [({"gpu": "yes"}, "gpu must be true or false")]
     for kwargs, message in bad:
         with pytest.raises(SystemExit) as info:
             FusedLauncher(**kwargs)

@@ -181,6 +181,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, t
     assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
 
 
+def test_testing_an_earlier_checkpoint_keeps_every_epochs_history(data_dir, tmp_path):
+    """Lightning restores the callbacks of the checkpoint a test loads; History keeps the rows
+    of the fit (metrics.json's per-epoch timings once lost the epochs after the best one)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vae_lightning.data import MNISTDataModule
+    from vae_lightning.models import VAE
+    from vae_lightning.run import History
+
+    history = History(tmp_path / "history.csv")
+    every = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1,
+                            monitor="val/loss")  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=2, limit_val_batches=1, callbacks=[history, every],
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model = VAE(latent_dim=2, hidden_dim=8)
+    data = MNISTDataModule(data_dir=str(data_dir), verify=False, download=False, val_size=128)
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, ckpt_path=tmp_path / "eepoch=0.ckpt", verbose=False)
+    assert [row["epoch"] for row in history.rows] == [0, 1, 2]
+
+
 def test_concurrent_preparation_of_one_data_folder(tmp_path, monkeypatch):
     """Four processes preparing the same empty folder at once all end with verified files, and
     the (slow) source is asked once: the others wait on the lock and find the files."""

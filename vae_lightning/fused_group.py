@@ -91,8 +91,20 @@ def group_key(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(plain), sort_keys=True)
 
 
-def why_not_fused(cfg: DictConfig) -> str | None:
-    """Why this (resolved) job config cannot be trained in a stack, or None when it can."""
+def stack_device(trainer: DictConfig) -> torch.device:
+    """Where a stack of jobs with this trainer config trains: the GPU under accelerator=auto
+    when there is one, as Lightning would put each job."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        index = torch.cuda.current_device() if torch.cuda.is_available() else None
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def why_not_fused(cfg: DictConfig, gpu: bool = False) -> str | None:
+    """Why this (resolved) job config cannot be trained in a stack, or None when it can.
+    ``gpu``: stacks may train on a CUDA GPU (off until the stack has run on one: its CUDA
+    path, per-job CUDA generators and its deferred non-finite check, is untested)."""
     trainer = cfg.get("trainer") or {}
     for key, allowed in _TRAINER_DEFAULTS.items():
         if key in trainer and trainer.get(key) not in allowed:
@@ -104,6 +116,12 @@ def why_not_fused(cfg: DictConfig) -> str | None:
         return f"trainer.accelerator={trainer.get('accelerator')}"
     if trainer.get("devices", 1) not in (1, "1", "auto"):
         return f"trainer.devices={trainer.get('devices')} (one device per group)"
+    if stack_device(trainer).type == "cuda":
+        if not torch.cuda.is_available():
+            return f"trainer.accelerator={trainer.get('accelerator')} but no CUDA GPU is here"
+        if not gpu:
+            return ("it would train on the GPU, where the stack has not run yet "
+                    "(hydra.launcher.gpu=true to try it)")  # fmt: skip
     if not isinstance(trainer.get("max_epochs"), int) or trainer.get("max_epochs") < 1:
         return "trainer.max_epochs is not a number of epochs"
     model = cfg.get("model") or {}
@@ -177,17 +195,10 @@ class FusedGroup:
         first = self.cfgs[0].trainer
         self.max_epochs = int(first.max_epochs)
         self.log_every = int(first.get("log_every_n_steps", 50))
-        self.device = self._device(first)
+        self.device = stack_device(first)
         self.received: int | None = None
         self.time: dict[str, float] = {}
         self._writers: list[Any] = []
-
-    @staticmethod
-    def _device(trainer: DictConfig) -> torch.device:
-        accelerator = str(trainer.get("accelerator", "auto"))
-        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     # --- building the jobs --------------------------------------------------------------------
     def _build(self, cfg: DictConfig, output_dir: Path) -> _Job:

@@ -169,6 +169,13 @@ class History(L.Callback):
         self._t0 = self._t_val = 0.0
         self._train_s = self._val_s = math.nan
         self._carried = 0.0  # training seconds of this epoch spent before a resume
+        self._fitting = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning restores callbacks after setup, for a test from a checkpoint as well: only
+        # a fit takes its rows from a checkpoint (the test of the best checkpoint would
+        # otherwise put the history back to that epoch)
+        self._fitting = stage == "fit"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._train_s, self._val_s = time.perf_counter(), math.nan, math.nan
@@ -209,6 +216,8 @@ class History(L.Callback):
         return {"rows": self.rows, "epoch_s": time.perf_counter() - self._t0 if in_epoch else 0.0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._fitting:
+            return
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
         self._carried = float(state_dict.get("epoch_s", 0.0))
         # a run resumed part-way through an epoch may not start that epoch again

@@ -120,15 +120,11 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
         record.add_metrics(trainer.callback_metrics)
         best = _best_checkpoint(trainer, record)
         record.add_summaries(configured)
-        # kept before the test: testing the best checkpoint restores the callbacks' state as
-        # of that epoch, History's rows included
-        rows = list(record.history.rows)
         if cfg.get("test"):
             tested = _test(trainer, model, datamodule, best, record, cfg.seed)
-            record.history.rows = rows  # every epoch's timings for metrics.json
         else:
             tested = None
-        record.finish(epochs=len(rows), best_checkpoint=best, tested=tested)
+        record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
         log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
     log.info("done: %s; run folder: %s", shown or record.metrics, output_dir)

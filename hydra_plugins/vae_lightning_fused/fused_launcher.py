@@ -43,6 +43,9 @@ class FusedLauncherConf:
     # jobs that train alone: -1 one per core, 1 in this process. Each gets cores / n_jobs torch
     # threads (train.py's thread policy), as under the joblib launcher
     n_jobs: int = -1
+    # true: stacks may train on a CUDA GPU. Off until the stack has run on one: on a machine
+    # with a GPU its jobs run alone meanwhile (the log says so)
+    gpu: bool = False
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="fused", node=FusedLauncherConf)
@@ -58,14 +61,17 @@ class _Job:
 
 
 class FusedLauncher(Launcher):
-    def __init__(self, max_group: int | None = None, n_jobs: int = -1) -> None:
+    def __init__(self, max_group: int | None = None, n_jobs: int = -1, gpu: bool = False) -> None:
         if max_group is not None and (isinstance(max_group, bool) or int(max_group) < 1):
             _refuse(f"hydra.launcher.max_group must be a number of jobs >= 1 or null, got "
                     f"{max_group!r}")  # fmt: skip
         if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
             _refuse(f"hydra.launcher.n_jobs must be -1 (one process per core) or a number of "
                     f"processes >= 1, got {n_jobs!r}")  # fmt: skip
+        if not isinstance(gpu, bool):
+            _refuse(f"hydra.launcher.gpu must be true or false, got {gpu!r}")
         self.max_group = None if max_group is None else int(max_group)
+        self.gpu = gpu
         self.n_jobs = _cores() if n_jobs == -1 else n_jobs
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
@@ -121,7 +127,7 @@ class FusedLauncher(Launcher):
         by_key: dict[str, list[int]] = defaultdict(list)
         alone: list[int] = []
         for i, job in enumerate(jobs):
-            reason = self._why_alone(job) or why_not_fused(job.task)
+            reason = self._why_alone(job) or why_not_fused(job.task, gpu=self.gpu)
             if reason:
                 log.info("job #%d runs alone: %s", job.num, reason)
                 alone.append(i)
