@@ -99,6 +99,7 @@ def test_resume_true_skips_a_finished_run_without_touching_it(finished_run, data
             ["model.scheduler.warmup_epochs", ">= 0"],
         ),
         (["kl=cyclical", "model.kl.cycles=0"], ["model.kl.cycles", ">= 1"]),
+        (["model.feature_loss_weight=-1"], ["model.feature_loss_weight", ">= 0"]),
         (["model.lr=1e12", "trainer.max_epochs=1"], ["non-finite training loss", "model.lr"]),
     ],
 )

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning import checkpoints, config
 from vae_lightning.errors import ConfigError, check_choice, check_float, check_int
-from vae_lightning.fid import CLASSIFIER_MIN_ACCURACY
+from vae_lightning.fid import CLASSIFIER_MIN_ACCURACY, CLASSIFIER_SEED, FIDClassifier, classifier_of
 from vae_lightning.files import atomic_write_json
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ DATA_KEYS = ("binarize", "seed", "val_size", "val_on_test", "download", "verify"
 ROWS_PER_PASS = 20_000
 # The FID classifier's seed is fixed, not the run's: every run of a dataset is then measured
 # in the same feature space and their FIDs can be compared.
-CLASSIFIER_SEED = 0
 ACTIVE_UNITS_THRESHOLD = 0.01  # on Var_x of mu_d (Burda et al.)
 LIKELIHOOD = {
     "binary": "Bernoulli on binary images: a log-likelihood",
@@ -64,7 +63,7 @@ LIKELIHOOD = {
 }
 # the integer settings and their lowest values; OPTIONAL ones may also be null
 MINIMUM = {"k": 0, "chunk": 1, "n_fid": 0, "batch_size": 1, "classifier_epochs": 1}
-MINIMUM |= {"classifier_max_steps": 1, "probe_max_train": 0}
+MINIMUM |= {"classifier_max_steps": 1, "probe_max_train": 0, "classifier_seed": 0}
 OPTIONAL = ("classifier_max_steps", "probe_max_train")
 FLAGS = ("probes", "verify", "classifiers", "retrain_classifier")
 DEVICES = "cpu, cuda, cuda:<index>, mps, or null (CUDA when available, else the CPU)"
@@ -342,43 +341,13 @@ def grids(subject: Subject, x: torch.Tensor) -> dict[str, str]:
     }
 
 
-@dataclass
-class FIDClassifier:
-    """A dataset's FID classifier, its test accuracy, and the grey training and test images
-    (uint8 (N, 1, 28, 28)) it was trained and tested on."""
-
-    model: Any  # fid.FeatureClassifier
-    accuracy: float
-    train: torch.Tensor
-    test: torch.Tensor
-
-
-def classifier_of(
-    dataset: str, data_dir: Path, device: torch.device, **settings: Any
-) -> FIDClassifier:
-    """The dataset's FID classifier: trained once, then cached; ``settings`` are
-    ``fid.load_or_train_classifier``'s ``epochs``, ``max_steps``, ``retrain`` and
-    ``min_accuracy`` (a cache trained otherwise, or a classifier below the floor, is refused)."""
-    from vae_lightning.data import load_split
-    from vae_lightning.fid import load_or_train_classifier
-    from vae_lightning.sources import get_spec
-
-    raw = get_spec(dataset).raw_dir(data_dir)
-    (train, train_labels), (test, test_labels) = load_split(raw, "train"), load_split(raw, "test")
-    classifier, accuracy = load_or_train_classifier(
-        dataset, Path(data_dir), train, train_labels, test, test_labels,
-        seed=CLASSIFIER_SEED, device=device, **settings,
-    )  # fmt: skip
-    return FIDClassifier(classifier, accuracy, train, test)
-
-
 def frechet_distances(
     subject: Subject, fid_classifier: FIDClassifier, n_fid: int, batch_size: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """gen/fid (samples vs test images) and gen/fid_train_test (the floor)."""
     from vae_lightning.fid import frechet_distance
 
-    model, dm, seed = subject.model, subject.dm, subject.seed
+    model, seed = subject.model, subject.seed
     # The classifier and the distances see grey images (the raw files), whatever the run's
     # binarization; samples are the decoder's pixel means.
     classifier, accuracy = fid_classifier.model, fid_classifier.accuracy
@@ -400,10 +369,28 @@ def frechet_distances(
         "real": "test images (grey)",
         "fake": f"decoded samples (pixel means){fake_z}",
         "floor": "training images against test images",
-        "classifier": str(dm.data_dir / "classifiers" / f"{dm.dataset_name}.pt"),
+        "classifier": str(fid_classifier.path),
         "classifier_test_acc": accuracy,
+        "classifier_seed": fid_classifier.seed,
+        "independent": _independent_judge(model, fid_classifier.seed),
         "feature_dim": classifier.feature_dim,
     }
+
+
+def _independent_judge(model: Any, classifier_seed: int) -> bool:
+    """Whether FID's classifier is another one than the model's feature-matching loss was
+    trained against (the default one, seed ``CLASSIFIER_SEED``): in the same features, FID
+    rewards the objective itself and is no longer an independent judge."""
+    if not float(model.hparams.get("feature_loss_weight") or 0.0):
+        return True
+    if classifier_seed != CLASSIFIER_SEED:
+        return True
+    log.warning(
+        "gen/fid is measured in the features this model's feature-matching loss was trained "
+        "on, so it is not an independent judge; classifier_seed=1 measures it with another "
+        "classifier"
+    )
+    return False
 
 
 def latent_probes(
@@ -477,6 +464,7 @@ def evaluate(
     retrain_classifier: bool = False,
     classifier_min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
     probe_max_train: int | None = None,
+    classifier_seed: int = CLASSIFIER_SEED,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's test set; write ``eval.json`` and grids; return it.
 
@@ -497,7 +485,7 @@ def evaluate(
         with _timed(seconds, "classifier"):
             fid_classifier = classifier_of(
                 subject.dm.dataset_name, subject.dm.data_dir, subject.device,
-                epochs=classifier_epochs, max_steps=classifier_max_steps,
+                seed=classifier_seed, epochs=classifier_epochs, max_steps=classifier_max_steps,
                 retrain=retrain_classifier, min_accuracy=classifier_min_accuracy,
             )  # fmt: skip
     with _timed(seconds, "terms"):
@@ -536,6 +524,7 @@ def prepare_classifiers(
     classifier_min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
     device: str | None = None,
     verify: bool = True,
+    classifier_seed: int = CLASSIFIER_SEED,
 ) -> dict[str, float]:
     """Train (or load from the cache) the FID classifier of each dataset; its test accuracy.
 
@@ -549,7 +538,8 @@ def prepare_classifiers(
     for name in [datasets] if isinstance(datasets, str) else datasets:
         ensure_dataset(name, Path(data_dir), verify=verify)
         accuracy[name] = classifier_of(
-            name, Path(data_dir), dev, epochs=classifier_epochs, max_steps=classifier_max_steps,
+            name, Path(data_dir), dev, seed=classifier_seed,
+            epochs=classifier_epochs, max_steps=classifier_max_steps,
             retrain=retrain_classifier, min_accuracy=classifier_min_accuracy,
         ).accuracy  # fmt: skip
         log.info("classifier %s: test accuracy %.4f", name, accuracy[name])

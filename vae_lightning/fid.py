@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ CLASSIFIER_VERSION = 1
 # classifiers reached 0.993 (MNIST) and 0.914 (Fashion-MNIST); the floor is well below both and
 # far above chance.
 CLASSIFIER_MIN_ACCURACY = 0.80
+# The default classifier's seed: its cache is <data_dir>/classifiers/<dataset>.pt, and it is the
+# one a model's feature-matching loss (model.feature_loss_weight) is trained against. Another
+# seed (vae-evaluate's classifier_seed) is a second, separately cached classifier: an FID judge
+# independent of those features.
+CLASSIFIER_SEED = 0
 # the vae-evaluate settings that a cached classifier's record holds under another name
 SETTINGS = {"epochs": "classifier_epochs", "max_steps": "classifier_max_steps"}
 
@@ -182,10 +188,14 @@ def _read_cache(weights: Path, device: torch.device) -> tuple[dict, dict]:
     return saved["record"], saved["state_dict"]
 
 
-def _check_record(weights: Path, record: dict, wanted: dict) -> None:
+def _check_record(weights: Path, record: dict, wanted: dict, any_settings: bool) -> None:
     """Refuse a cached classifier trained otherwise than ``wanted`` asks: replacing it changes
-    every later evaluation's FID, so only ``retrain_classifier=true`` does."""
-    differ = [key for key, value in wanted.items() if record.get(key) != value]
+    every later evaluation's FID, so only ``retrain_classifier=true`` does. ``any_settings``:
+    its training length (``SETTINGS``) may be any."""
+    differ = [
+        key for key, value in wanted.items()
+        if record.get(key) != value and not (any_settings and key in SETTINGS)
+    ]  # fmt: skip
     settings = [key for key in differ if key in SETTINGS]
     if settings:
         had = ", ".join(f"{SETTINGS[k]}={_setting(record.get(k))}" for k in SETTINGS)
@@ -210,14 +220,14 @@ def _check_record(weights: Path, record: dict, wanted: dict) -> None:
 
 
 def _cached_classifier(
-    weights: Path, wanted: dict, device: torch.device
+    weights: Path, wanted: dict, device: torch.device, any_settings: bool
 ) -> tuple[FeatureClassifier, float] | None:
     """The cached classifier and its test accuracy; None when there is none; an error when it
     cannot be read or was trained otherwise than ``wanted`` asks."""
     if not weights.is_file():
         return None
     record, state = _read_cache(weights, device)
-    _check_record(weights, record, wanted)
+    _check_record(weights, record, wanted, any_settings)
     try:
         model = FeatureClassifier(num_classes=int(record["num_classes"]))
         model.load_state_dict(state)
@@ -307,15 +317,18 @@ def load_or_train_classifier(
     device: str | torch.device | None = None,
     retrain: bool = False,
     min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
+    any_settings: bool = False,
 ) -> tuple[FeatureClassifier, float]:
     """The dataset's FeatureClassifier and its test accuracy, trained once and cached.
 
-    Cached under ``<data_dir>/classifiers/<dataset_name>.pt`` (weights and a record, loaded with
-    ``weights_only=True``) with a readable copy of the record in ``<dataset_name>.json``. When
+    Cached under ``<data_dir>/classifiers/<dataset_name>.pt`` (``<dataset_name>_seed<seed>.pt``
+    for a seed other than ``CLASSIFIER_SEED``; weights and a record, loaded with
+    ``weights_only=True``) with a readable copy of the record in a ``.json`` of the same name. When
     there is no cache, the classifier is trained and cached. A cache is used only when its
     record matches this request (classifier version, epochs, max_steps, seed and a fingerprint
     of the images and labels); one that does not, or cannot be read, is an error and is left as
-    it is: every later evaluation measures FID with it, so only ``retrain`` (vae-evaluate's
+    it is (``any_settings``: a cache of any training length is used, for those who did not
+    choose one): every later evaluation measures FID with it, so only ``retrain`` (vae-evaluate's
     ``retrain_classifier=true``) trains a new one and replaces the files (atomically).
 
     A classifier, cached or new, whose test accuracy is below ``min_accuracy``
@@ -326,7 +339,8 @@ def load_or_train_classifier(
     device = torch.device(device) if device is not None else _default_device()
     folder = Path(data_dir) / "classifiers"
     folder.mkdir(parents=True, exist_ok=True)
-    weights, record_path = folder / f"{dataset_name}.pt", folder / f"{dataset_name}.json"
+    weights = classifier_path(data_dir, dataset_name, seed)
+    record_path = weights.with_suffix(".json")
     wanted = {
         "dataset": dataset_name,
         "version": CLASSIFIER_VERSION,
@@ -335,8 +349,8 @@ def load_or_train_classifier(
         "seed": seed,
         "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
     }
-    with file_lock(folder / f".{dataset_name}.lock"):
-        cached = None if retrain else _cached_classifier(weights, wanted, device)
+    with file_lock(folder / f".{weights.stem}.lock"):
+        cached = None if retrain else _cached_classifier(weights, wanted, device, any_settings)
         if cached is not None:
             _check_accuracy(cached[1], min_accuracy, weights, wanted, fresh=False)
             return cached
@@ -349,24 +363,73 @@ def load_or_train_classifier(
         return model, record["test_accuracy"]
 
 
-class ClassifierFeatures(nn.Module):
-    """A FeatureClassifier's ``features`` as a torchmetrics feature extractor.
+def classifier_path(data_dir: Path | str, dataset_name: str, seed: int = CLASSIFIER_SEED) -> Path:
+    """Where the classifier of ``dataset_name`` trained with ``seed`` is cached."""
+    suffix = "" if seed == CLASSIFIER_SEED else f"_seed{seed}"
+    return Path(data_dir) / "classifiers" / f"{dataset_name}{suffix}.pt"
 
-    Takes uint8 images in [0, 255] or float images in [0, 1], (B, 1, 28, 28); returns float64
-    features (B, num_features), so that torchmetrics keeps its result in float64. Always in eval
-    mode (BatchNorm's running statistics, no dropout).
+
+@dataclass
+class FIDClassifier:
+    """A dataset's FID classifier, its test accuracy, and the grey training and test images
+    (uint8 (N, 1, 28, 28)) it was trained and tested on."""
+
+    model: FeatureClassifier
+    accuracy: float
+    train: torch.Tensor
+    test: torch.Tensor
+    seed: int
+    path: Path  # its cache
+
+
+def classifier_of(
+    dataset: str,
+    data_dir: Path,
+    device: torch.device | str | None = None,
+    seed: int = CLASSIFIER_SEED,
+    **settings: Any,
+) -> FIDClassifier:
+    """The dataset's classifier trained with ``seed``: trained once, then cached; ``settings``
+    are ``load_or_train_classifier``'s ``epochs``, ``max_steps``, ``retrain`` and
+    ``min_accuracy`` (a cache trained otherwise, or a classifier below the floor, is refused)."""
+    from vae_lightning.data import load_split
+    from vae_lightning.sources import get_spec
+
+    raw = get_spec(dataset).raw_dir(data_dir)
+    (train, train_labels), (test, test_labels) = load_split(raw, "train"), load_split(raw, "test")
+    classifier, accuracy = load_or_train_classifier(
+        dataset, Path(data_dir), train, train_labels, test, test_labels,
+        seed=seed, device=device, **settings,
+    )  # fmt: skip
+    path = classifier_path(data_dir, dataset, seed)
+    return FIDClassifier(classifier, accuracy, train, test, seed, path)
+
+
+class ClassifierFeatures(nn.Module):
+    """A FeatureClassifier's ``features`` as a feature extractor: torchmetrics' for FID, and a
+    model's frozen one for its feature-matching loss (``dtype=None``).
+
+    Takes uint8 images in [0, 255] or float images in [0, 1], (B, 1, 28, 28); returns features
+    (B, num_features) in ``dtype`` (float64 by default, so that torchmetrics keeps its result
+    in float64; None: as computed). Always in eval mode (BatchNorm's running statistics, no
+    dropout), also inside a model that is training.
     """
 
-    def __init__(self, classifier: FeatureClassifier) -> None:
+    def __init__(
+        self, classifier: FeatureClassifier, dtype: torch.dtype | None = torch.float64
+    ) -> None:
         super().__init__()
         self.classifier = classifier
+        self.dtype = dtype
         self.num_features = classifier.feature_dim  # read by FrechetInceptionDistance
+        self.train(False)  # from the start, not only once a model's .train() reaches it
 
     def train(self, mode: bool = True) -> ClassifierFeatures:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(_as_unit_float(x)).double()
+        features = self.classifier.features(_as_unit_float(x))
+        return features if self.dtype is None else features.to(self.dtype)
 
 
 @torch.no_grad()

@@ -132,6 +132,8 @@ def why_not_fused(cfg: DictConfig, gpu: bool = False) -> str | None:
         return "model.batchnorm=true (BatchNorm's running statistics cannot be stacked)"
     if model.get("compile"):
         return "model.compile=true"
+    if model.get("feature_loss_weight"):
+        return "model.feature_loss_weight > 0 (its frozen classifier is not stacked)"
     scheduler = check_scheduler(model.get("scheduler"))
     if scheduler is not None:
         return f"scheduler={scheduler['name']} (the fused loop trains at a constant rate)"

@@ -8,6 +8,8 @@ Never mix a mean-reduced reconstruction with a summed KL: it silently rescales b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +36,16 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def mse_per_pixel(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean squared error per pixel, per image: (B, ...) -> (B,), x_hat in [0, 1]."""
     return (x_hat - x).pow(2).flatten(1).mean(1)
+
+
+def feature_distance(
+    features: Callable[[torch.Tensor], torch.Tensor], x_hat: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """Feature matching: the squared distance between ``features`` of a reconstruction and of its
+    image, summed over the features: (B, ...) -> (B,). Gradients reach ``x_hat`` only.
+
+    A perceptual loss (Johnson et al. 2016; Larsen et al. 2016 use a discriminator's features)
+    with a frozen classifier of the dataset as ``features`` (models.py: feature_loss_weight)."""
+    with torch.no_grad():
+        target = features(x)
+    return (features(x_hat) - target).pow(2).sum(1)

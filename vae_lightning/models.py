@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.errors import ConfigError, check_choice, check_float, check_int
-from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
+from vae_lightning.losses import feature_distance, gaussian_kl, mse_per_pixel, recon_bce
 from vae_lightning.networks import (
     ACTIVATIONS,
     ConvDecoder,
@@ -80,6 +80,7 @@ class Autoencoder(L.LightningModule):
         beta: float = 0.0,
         scheduler: dict[str, Any] | None = None,
         kl: dict[str, Any] | None = None,
+        feature_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         # collects the subclass's arguments too (its __init__ is on the call stack); an AE has
@@ -90,6 +91,7 @@ class Autoencoder(L.LightningModule):
         self.lr: float = self.hparams.lr
         self.beta: float = self.hparams.get("beta", 0.0)
         self.encoder, self.decoder = self.build_networks()
+        self.feature_net = self.build_feature_net()
         self.step = AutomaticStep()
         self.terms_fn = self.terms  # torch.compile'd in configure_model when compile=True
 
@@ -104,12 +106,56 @@ class Autoencoder(L.LightningModule):
         hp["in_shape"] = _shape("in_shape", hp["in_shape"])
         hp["fused_adam"], hp["compile"] = bool(hp["fused_adam"]), bool(hp["compile"])
         hp["scheduler"] = check_scheduler(hp.get("scheduler"))
+        hp["feature_loss_weight"] = check_float(
+            "feature_loss_weight", hp.get("feature_loss_weight", 0.0), 0.0
+        )
         if self.variational:
             hp["kl"] = check_kl(hp.get("kl"))
         return hp
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
+
+    def build_feature_net(self) -> nn.Module | None:
+        """The frozen features of the feature-matching loss (``feature_loss_weight > 0``): the
+        architecture of the dataset classifier that FID uses (``fid.FeatureClassifier``). Its
+        weights are the cached classifier's (``load_feature_classifier``, called by train.py)
+        and travel in the checkpoint, so that a model reloads without the cache; no optimizer
+        sees them."""
+        if not self.hparams.feature_loss_weight:
+            return None
+        from vae_lightning.fid import ClassifierFeatures, FeatureClassifier
+
+        if tuple(self.hparams.in_shape) != (1, 28, 28):
+            raise ConfigError(
+                "feature_loss_weight",
+                f"needs 28x28 grey images (the FID classifier's input), not in_shape="
+                f"{list(self.hparams.in_shape)}; set it to 0",
+            )
+        return ClassifierFeatures(FeatureClassifier(), dtype=None).requires_grad_(False)
+
+    def load_feature_classifier(self, classifier: nn.Module) -> None:
+        """Use ``classifier``'s weights (a fid.FeatureClassifier) for the feature-matching loss."""
+        if self.feature_net is None:
+            raise ConfigError("feature_loss_weight", "is 0: this model has no feature loss")
+        try:
+            self.feature_net.classifier.load_state_dict(classifier.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(
+                "feature_loss_weight",
+                f"needs a classifier of 10 classes, the cached one differs ({str(err)[:200]})",
+            ) from None
+
+    def with_feature_term(self, out: Terms, logits: Tensor, x: Tensor) -> Terms:
+        """``out`` with the feature-matching term (``feature``, nats-free: squared feature
+        distance per image) added to its objective times ``feature_loss_weight``; ``loss``
+        stays the model's own. Unchanged when the weight is 0."""
+        if self.feature_net is None:
+            return out
+        feature = feature_distance(self.feature_net, torch.sigmoid(logits), x).mean()
+        objective = out.get("objective", out["loss"])
+        weight = self.hparams.feature_loss_weight
+        return {**out, "objective": objective + weight * feature, "feature": feature}
 
     # --- the maths --------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Any:
@@ -149,9 +195,8 @@ class Autoencoder(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # fused: one kernel for all parameters instead of a Python loop over them; the same
         # update (to float rounding), and on CPU the single largest saving after the data path
-        optimizer = torch.optim.Adam(
-            self.parameters(), lr=self.lr, fused=self.hparams.fused_adam or None
-        )
+        trained = [p for p in self.parameters() if p.requires_grad]  # not the frozen features
+        optimizer = torch.optim.Adam(trained, lr=self.lr, fused=self.hparams.fused_adam or None)
         max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
         scheduler = lr_scheduler(optimizer, self.hparams.get("scheduler"), max_epochs or 1)
         if scheduler is None:
@@ -212,12 +257,16 @@ class AE(Autoencoder):
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
         kl: dict[str, Any] | None = None,
+        feature_loss_weight: float = 0.0,
     ) -> None:
         if check_kl(kl) is not None:  # the kl= group is composed for every model
             raise ConfigError(
                 "kl", "schedules a VAE's KL term, and an AE has none: use kl=constant"
             )
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler)
+        super().__init__(
+            latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler,
+            feature_loss_weight=feature_loss_weight,
+        )  # fmt: skip
         # Gaussian fitted to the training codes (moments accumulated during each training epoch)
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_cov", torch.eye(latent_dim))
@@ -240,7 +289,8 @@ class AE(Autoencoder):
         recon = recon_bce(logits, x).mean()
         with torch.no_grad():
             mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
-        return {"loss": recon, "recon": recon, "mse": mse, "z": z}
+        out = {"loss": recon, "recon": recon, "mse": mse, "z": z}
+        return self.with_feature_term(out, logits, x)
 
     def observe(self, out: dict[str, torch.Tensor]) -> None:
         z = out["z"].detach().double()  # (B, D)
@@ -333,7 +383,8 @@ class _GaussianVAE(Autoencoder):
             mse = mse_per_pixel(torch.sigmoid(logits), x).mean()
         # loss: the negative ELBO (beta = 1), which runs compare; objective: what is optimised
         objective = recon + weight * kl_objective
-        return {"loss": recon + kl, "objective": objective, "recon": recon, "kl": kl, "mse": mse}
+        out = {"loss": recon + kl, "objective": objective, "recon": recon, "kl": kl, "mse": mse}
+        return self.with_feature_term(out, logits, x)
 
     def kl_weight(self) -> float | None:
         """The scheduled KL weight of this training step, or None for a constant ``beta``."""
@@ -364,8 +415,11 @@ class VAE(_GaussianVAE):
         compile: bool = False,
         scheduler: dict[str, Any] | None = None,
         kl: dict[str, Any] | None = None,
+        feature_loss_weight: float = 0.0,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl)
+        super().__init__(
+            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
+        )
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return _mlp(self.hparams, out_features=2 * self.hparams.latent_dim)  # mu and logvar
@@ -393,8 +447,11 @@ class ConvVAE(_GaussianVAE):
         extra_channels: int | None = None,
         batchnorm: bool = False,
         activation: str = "relu",
+        feature_loss_weight: float = 0.0,
     ) -> None:
-        super().__init__(latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl)
+        super().__init__(
+            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
+        )
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         if hp["extra_channels"] is not None:

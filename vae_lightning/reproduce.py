@@ -107,27 +107,41 @@ Section = tuple[list[str], list[str]]  # (REPORT.md lines, entries of "Where we 
 # --- running ------------------------------------------------------------------------------------
 
 
+def planned(names: list[str], quick: bool) -> dict[str, tuple[list[str], int]]:
+    """``run_all``'s plan for the reproduction runs ``names``: name -> (overrides, epochs)."""
+    plan = {}
+    for name in names:
+        experiment, overrides, epochs = RUNS[name]
+        plan[name] = ([f"experiment={experiment}", *overrides], 2 if quick else epochs)
+    return plan
+
+
 def run_all(
     out: Path,
     data_dir: Path,
-    quick: bool,
+    plan: dict[str, tuple[list[str], int]],
     extra: list[str],
     eval_kwargs: dict[str, Any],
-    names: list[str] | None = None,
 ) -> Results:
-    """Train and evaluate every run (skipping those already finished in ``out``)."""
+    """Train and evaluate every run of ``plan`` (name -> (overrides, epochs)) in ``out/<name>``,
+    skipping the training of runs already finished there and the evaluations already done."""
     from vae_lightning.evaluate import evaluate
 
     results = {}
-    for name in names or list(RUNS):
-        experiment, overrides, epochs = RUNS[name]
+    for name, (overrides, epochs) in plan.items():
         folder = out / name
-        epochs = 2 if quick else epochs
         record_path = folder / "metrics.json"
-        done = record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        done = record.get("status") == "ok"
+        if done and record.get("hparams", {}).get("max_epochs") != epochs:
+            raise ConfigError(
+                "out",
+                f"{folder} holds a finished run of {record['hparams'].get('max_epochs')} epochs, "
+                f"not {epochs}: choose another out=... (or remove that folder)",
+            )
         if not done:
             log.info("reproduce: training %s (%d epochs) in %s", name, epochs, folder)
-            run = [f"experiment={experiment}", *overrides, f"trainer.max_epochs={epochs}"]
+            run = [*overrides, f"trainer.max_epochs={epochs}"]
             paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={folder}"]
             train(config.compose([*run, *paths, *extra]))
         # The final model, as in the seeds. The "best" checkpoint is chosen by val/loss, which is
@@ -161,6 +175,9 @@ def _finished_eval(path: Path, ckpt: Path, eval_kwargs: dict[str, Any]) -> dict[
         return None
     k_done = (evaluation.get("nll_iw") or {}).get("k", 0)
     n_done = (evaluation.get("fid") or {}).get("n", 0)
+    judge = (evaluation.get("fid") or {}).get("classifier_seed", 0)
+    if n_done and judge != eval_kwargs.get("classifier_seed", 0):
+        return None
     variational = "test/kl" in evaluation.get("metrics", {})
     if variational and k_done != eval_kwargs["k"]:
         return None
@@ -623,7 +640,7 @@ def main(cfg: DictConfig) -> None:
     default_out = config.REPO_ROOT / "outputs" / ("reproduce_quick" if quick else "reproduce")
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(out, Path(cfg.data_dir).resolve(), quick, extra, eval_kwargs, names)
+    results = run_all(out, Path(cfg.data_dir).resolve(), planned(names, quick), extra, eval_kwargs)
     log.info("reproduce: report written: %s", write_report(results, out, quick))
 
 

@@ -1,0 +1,133 @@
+"""The feature-matching loss (model.feature_loss_weight) and FID's second classifier
+(vae-evaluate classifier_seed): the maths, a real CLI run, its checkpoint and its evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import SMALL, run_cli, run_tool, write_synthetic
+from vae_lightning.config import compose
+from vae_lightning.errors import ConfigError
+from vae_lightning.evaluate import prepare_classifiers
+from vae_lightning.fid import FeatureClassifier, classifier_path
+from vae_lightning.fused_group import why_not_fused
+from vae_lightning.losses import feature_distance
+from vae_lightning.models import AE, VAE, ConvVAE
+
+
+@pytest.fixture(scope="module")
+def feature_data(tmp_path_factory):
+    """Synthetic data whose default Fashion-MNIST classifier is cached (8 epochs: 0.91 test
+    accuracy, above the 0.8 floor; vae-evaluate's default 4 epochs stay below it here)."""
+    root = write_synthetic(tmp_path_factory.mktemp("feature_data"))
+    prepare_classifiers(root, "fashion_mnist", classifier_epochs=8, verify=False, device="cpu")
+    return root
+
+
+def test_feature_distance_is_the_squared_feature_distance_with_gradients_to_x_hat_only():
+    torch.manual_seed(0)
+    features = nn.Linear(6, 3)
+    x, x_hat = torch.rand(5, 6, requires_grad=True), torch.rand(5, 6, requires_grad=True)
+    d = feature_distance(features, x_hat, x)
+    torch.testing.assert_close(d, (features(x_hat) - features(x)).pow(2).sum(1))
+    assert torch.equal(feature_distance(features, x.detach(), x.detach()), torch.zeros(5))
+    d.sum().backward()
+    assert x.grad is None and x_hat.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [VAE, AE, ConvVAE])
+def test_the_objective_adds_the_weighted_feature_term_and_the_loss_is_unchanged(cls):
+    torch.manual_seed(0)
+    plain = cls()
+    weighted = cls(feature_loss_weight=2.5)
+    weighted.load_state_dict(plain.state_dict(), strict=False)  # the same networks
+    classifier = FeatureClassifier()
+    weighted.load_feature_classifier(classifier)
+    x = torch.rand(8, 1, 28, 28)
+    knobs = {"noise": torch.randn(8, plain.latent_dim)} if plain.variational else {}
+    a, b = plain.terms(x, **knobs), weighted.terms(x, **knobs)
+    feature = feature_distance(lambda v: classifier.eval().features(v), torch.sigmoid(
+        weighted.decoder(weighted.reparameterize(*weighted.encode(x), knobs["noise"])
+                         if plain.variational else weighted.encode(x))), x).mean()  # fmt: skip
+    torch.testing.assert_close(b["feature"], feature)
+    torch.testing.assert_close(b["loss"], a["loss"])
+    torch.testing.assert_close(b["objective"], a.get("objective", a["loss"]) + 2.5 * feature)
+    assert b["feature"] > 0 and "feature" not in a
+
+
+def test_the_frozen_features_stay_in_eval_mode_and_out_of_the_optimizer():
+    model = ConvVAE(feature_loss_weight=1.0).train()
+    assert model.encoder.training and not model.feature_net.training
+    optimizer = model.configure_optimizers()
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = list(model.feature_net.parameters())
+    assert frozen and not any(id(p) in trained for p in frozen)
+    assert len(trained) == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_bad_feature_loss_settings_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="feature_loss_weight must be a finite number >= 0"):
+        VAE(feature_loss_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"feature_loss_weight needs 28x28 grey images"):
+        VAE(in_shape=(1, 32, 32), feature_loss_weight=1.0)
+    with pytest.raises(ConfigError, match="feature_loss_weight is 0"):
+        VAE().load_feature_classifier(FeatureClassifier())
+
+
+def test_the_fused_launcher_runs_a_feature_loss_job_alone():
+    cfg = compose(["model.feature_loss_weight=0.5"])
+    assert "feature_loss_weight" in why_not_fused(cfg)
+    assert why_not_fused(compose([])) is None
+
+
+def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_judge(
+    feature_data, tmp_path
+):
+    out = tmp_path / "run"
+    result = run_cli(
+        f"paths.data_dir={feature_data}", f"hydra.run.dir={out}", *SMALL,
+        "experiment=seed2_convvae_fashion", "trainer.max_epochs=2", "callbacks=minimal",
+        "model.feature_loss_weight=0.5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    for stage in ("train", "val", "test"):
+        m = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith(f"{stage}/")}
+        assert m["feature"] > 0
+        assert m["loss"] == pytest.approx(m["recon"] + m["kl"], rel=1e-5)  # the ELBO, beta 1
+        assert m["objective"] == pytest.approx(m["loss"] + 0.5 * m["feature"], rel=1e-5)
+
+    # the frozen features are the cached classifier's, unchanged by training (no optimizer, no
+    # BatchNorm update), and travel in the checkpoint: reloaded without the cache
+    cache = classifier_path(feature_data, "fashion_mnist")
+    cached = torch.load(cache, weights_only=True)["state_dict"]
+    moved = tmp_path / "moved"
+    shutil.move(cache.parent, moved)
+    try:
+        model = ConvVAE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu")
+    finally:
+        shutil.move(moved, cache.parent)
+    reloaded = model.feature_net.classifier.state_dict()
+    assert reloaded.keys() == cached.keys()
+    assert all(torch.equal(reloaded[k], cached[k]) for k in cached)
+
+    # FID in the loss's own features is flagged; classifier_seed=1 trains a second judge
+    ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
+    figures = {}
+    for seed in (0, 1):
+        done = run_tool(
+            "vae-evaluate", ckpt, f"data_dir={feature_data}", "k=2", "n_fid=128",
+            "classifier_epochs=8", f"classifier_seed={seed}", "device=cpu", timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        fid = json.loads((out / "eval.json").read_text())["fid"]
+        assert fid["classifier_seed"] == seed and fid["independent"] is (seed == 1)
+        assert fid["classifier"] == str(classifier_path(feature_data, "fashion_mnist", seed))
+        figures[seed] = json.loads((out / "eval.json").read_text())["metrics"]["gen/fid"]
+    assert classifier_path(feature_data, "fashion_mnist", 1).is_file()
+    assert figures[0] != figures[1]
