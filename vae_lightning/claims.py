@@ -130,32 +130,45 @@ def compare(results: Results, name: str, column: str, noise: dict[str, float]) -
     )
 
 
-# (who says it, the claim as the seed words it, the variants, the columns that test it)
-CLAIMS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("Seed 2", "learning-rate schedulers (ReduceLROnPlateau or CosineAnnealing) improve the "
-     "ConvVAE", ("plateau", "cosine"), ("test nll_iw", "FID")),
-    ("Seed 2", "β-VAE (β > 1) improves the order of the latent space", ("beta2", "beta4"),
-     ("RF probe", "active units")),
-    ("Seed 2", "150–200 epochs improve the ConvVAE", ("long",), ("test nll_iw", "FID")),
-    ("Seed 2", "a perceptual (VGG) or feature-matching loss gives sharper outputs",
-     ("feature",), ("FID", "MSE")),
-    ("Seed 2", "latent sizes 64 and 128 improve the model", ("z64", "z128"),
-     ("test nll_iw", "FID", "RF probe")),
-    ("Seed 1", "the KL term costs some reconstruction quality (a larger KL weight, more cost)",
-     ("beta2", "beta4"), ("MSE",)),
-    ("Bowman et al., Fu et al., Kingma et al.", "KL warm-up, cyclical annealing and free bits "
-     "keep more latent units active without a worse bound", ("kl_warmup", "kl_cyclical",
-     "free_bits"), ("active units", "test nll_iw")),
+@dataclass(frozen=True)
+class Claim:
+    """A claim, as its author words it; the runs and figures that test it; and which way those
+    figures move if it holds (+1: better than the baseline, -1: worse)."""
+
+    who: str
+    claim: str
+    runs: tuple[str, ...]
+    columns: tuple[str, ...]
+    expect: int = +1
+
+
+CLAIMS = (
+    Claim("Seed 2", "learning-rate schedulers (ReduceLROnPlateau or CosineAnnealing) improve "
+          "the ConvVAE", ("plateau", "cosine"), ("test nll_iw", "FID")),
+    Claim("Seed 2", "β-VAE (β > 1) improves the order of the latent space", ("beta2", "beta4"),
+          ("RF probe", "active units")),
+    Claim("Seed 2", "150–200 epochs improve the ConvVAE", ("long",), ("test nll_iw", "FID")),
+    Claim("Seed 2", "a perceptual (VGG) or feature-matching loss gives sharper outputs",
+          ("feature",), ("FID", "MSE")),
+    Claim("Seed 2", "latent sizes 64 and 128 improve the model", ("z64", "z128"),
+          ("test nll_iw", "FID", "RF probe")),
+    Claim("Seed 1", "the KL term costs some reconstruction quality (so a larger KL weight costs "
+          "more)", ("beta2", "beta4"), ("MSE",), expect=-1),
+    Claim("Bowman et al., Fu et al., Kingma et al.", "KL warm-up, cyclical annealing and free "
+          "bits keep more latent units active", ("kl_warmup", "kl_cyclical", "free_bits"),
+          ("active units", "test nll_iw")),
 )  # fmt: skip
 
 
-def judge(results: Results, names: tuple[str, ...], columns: tuple[str, ...]) -> tuple[str, str]:
+def judge(results: Results, claim: Claim) -> tuple[str, str]:
     """The verdict on a claim and the comparisons behind it."""
     noise = spread(results)
-    found = [compare(results, n, c, noise) for n in names if n in results for c in columns]
-    if not found or "baseline" not in results:
-        return "not measured (a run is missing)", ""
-    verdicts = {v for v, _ in found}
+    if "baseline" not in results or not any(n in results for n in claim.runs):
+        return "not measured (its runs are not in this study)", ""
+    found = [
+        compare(results, n, c, noise) for n in claim.runs if n in results for c in claim.columns
+    ]
+    verdicts = {v * claim.expect for v, _ in found}
     if verdicts == {1}:
         verdict = "supported at this length"
     elif verdicts == {-1}:
@@ -176,12 +189,13 @@ def judge(results: Results, names: tuple[str, ...], columns: tuple[str, ...]) ->
 
 def render(results: Results, study: dict[str, Variant], lengths: tuple[int, int], k: int) -> str:
     epochs, long_epochs = lengths
+    n_test = next(iter(results.values())).evaluation.get("data", {}).get("n_test", "the")
     lines = [
         "# The seeds' proposals, measured on seed 2's ConvVAE",
         "",
         f"Every run: seed 2's ConvVAE on Fashion-MNIST, {epochs} epochs (`long`: {long_epochs}),"
-        " evaluated at its last epoch on the 10,000 test images. `test loss` is the negative ELBO"
-        " with β = 1 terms (nats per image, one posterior sample) whatever the run optimised;"
+        f" evaluated at its last epoch on the {n_test} test images. `test loss` is the negative"
+        " ELBO with β = 1 terms (nats per image, one posterior sample) whatever the run optimised;"
         f" `test nll_iw` the importance-weighted bound with k = {k}; MSE per pixel of the"
         " reconstructions; FID of decoded prior samples against test images in the features of a"
         " second classifier (another seed than the one the feature-matching loss uses, so that"
@@ -199,19 +213,21 @@ def render(results: Results, study: dict[str, Variant], lengths: tuple[int, int]
         cells = [_cell(c, figure(result, c)) for c in COLUMNS]
         hp = record.get("hparams", {})
         lr = _final_lr(result)
+        rate = f"{hp.get('lr', 0):.2e} (constant)" if lr is None else f"{lr:.2e}"
         lines.append(
             md_row(
                 name, variant.setting, hp.get("max_epochs", "—"), *cells,
-                "—" if lr is None else f"{lr:.2e}", f"{fmt(record.get('time/fit_s'), 0)} s",
+                rate, f"{fmt(record.get('time/fit_s'), 0)} s",
             )
         )  # fmt: skip
     noise = spread(results)
     measured = ", ".join(f"{c} {noise[c]:.4g}" for c in noise)
     lines += ["", f"Seed spread (|baseline − baseline_seed1|): {measured or 'not measured'}.", ""]
     lines += ["## The claims", ""]
-    for who, claim, names, columns in CLAIMS:
-        verdict, detail = judge(results, names, columns)
-        lines.append(f"- **{who}: {claim}.** {verdict.capitalize()}. {detail}.")
+    for claim in CLAIMS:
+        verdict, detail = judge(results, claim)
+        lines.append(f"- **{claim.who}: {claim.claim}.** {verdict.capitalize()}." + (
+            f" {detail}." if detail else ""))  # fmt: skip
     lines += [
         "",
         f"“At this length” matters: {epochs} epochs is the start of training for runs the seeds"
