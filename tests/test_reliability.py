@@ -63,12 +63,17 @@ def final_metrics(out: Path) -> dict:
         (signal.SIGTERM, ["scheduler=plateau", "model.scheduler.patience=0"]),
         # the KL weight is a function of the step: the same train/beta at every epoch
         (signal.SIGTERM, ["kl=cyclical", "model.kl.cycles=3"]),
+        # the feature-matching loss: its frozen classifier travels in the checkpoint
+        (signal.SIGTERM, ["model.feature_loss_weight=0.5"]),
     ],
 )
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
-    compose_cfg, tmp_path, signum, extra
+    compose_cfg, tmp_path, signum, extra, request
 ):
     from vae_lightning.errors import RunInterrupted
+
+    if "model.feature_loss_weight=0.5" in extra:  # data whose classifier is cached
+        extra = [*extra, f"paths.data_dir={request.getfixturevalue('feature_data_dir')}"]
 
     whole = compose_cfg(*RESUME, *extra, f"paths.output_dir={tmp_path / 'whole'}")
     train(whole)
@@ -99,7 +104,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     history_a = (tmp_path / "whole" / "history.csv").read_text().splitlines()
     history_b = (tmp_path / "cut" / "history.csv").read_text().splitlines()
     assert [r.split(",")[:-2] for r in history_a] == [r.split(",")[:-2] for r in history_b]
-    if extra:
+    if "model.feature_loss_weight=0.5" in extra:
+        assert b["metrics"]["train/feature"] > 0
+    elif extra:
         assert ("train/beta" if "kl=cyclical" in extra else "train/lr") in history_a[0]
         if "scheduler=cosine" in extra:  # warm-up then cosine over the 3 remaining epochs
             rates = [row["train/lr"] for row in _rows(tmp_path / "cut" / "history.csv")]
