@@ -56,6 +56,7 @@ class _ModelCallback(L.Callback):
     needs_methods: tuple[str, ...] = ()
     needs_data = True
     needs_variational = False
+    needs_conditional = False
 
     def __init__(self, output_dir: str | Path, on_unsupported: str = "error") -> None:
         self.output_dir = Path(output_dir)
@@ -78,10 +79,14 @@ class _ModelCallback(L.Callback):
         for method in self.needs_methods:
             if not callable(getattr(pl_module, method, None)):
                 self._refuse(f"needs a model with {method}(); {model} has none")
+        message = None
         if self.needs_variational and not getattr(pl_module, "variational", False):
             message = (
                 f"needs a VAE (a posterior with mu and log-variance); {model} is deterministic"
             )
+        elif self.needs_conditional and not getattr(pl_module, "conditional", False):
+            message = f"needs a conditional model (model=cvae or conv_cvae); {model} is not one"
+        if message is not None:
             if self.on_unsupported == "error":
                 self._refuse(message)
             if self.enabled:  # setup runs again for `test`: say it once
@@ -201,10 +206,10 @@ class _Visual(_Periodic):
     def _test_examples(
         self, trainer: L.Trainer, n: int, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """n test images fixed by ``seed`` (float in [0, 1], on ``device``) and their labels."""
+        """n test images fixed by ``seed`` (float in [0, 1]) and their labels, on ``device``."""
         images, labels = trainer.datamodule.splits["test"]
         idx = torch.randperm(len(images), generator=self._generator())[:n]
-        return to_unit_float(images[idx].to(device)), labels[idx]
+        return to_unit_float(images[idx].to(device)), labels[idx].to(device)
 
 
 class Reconstructions(_Visual):
@@ -216,8 +221,8 @@ class Reconstructions(_Visual):
 
     @override
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        x, _ = self._test_examples(trainer, self.n, pl_module.device)
-        return {"images/reconstructions": views.reconstruction_grid(pl_module, x)}
+        x, y = self._test_examples(trainer, self.n, pl_module.device)
+        return {"images/reconstructions": views.reconstruction_grid(pl_module, x, y)}
 
 
 class Samples(_Visual):
@@ -257,9 +262,34 @@ class Interpolations(_Visual):
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         images, labels = trainer.datamodule.splits["test"]
         pairs = self._pairs(labels[:2000])
-        a = to_unit_float(images[[i for i, _ in pairs]].to(pl_module.device))
-        b = to_unit_float(images[[j for _, j in pairs]].to(pl_module.device))
-        return {"images/interpolations": views.interpolation_grid(pl_module, a, b, self.steps)}
+        first, second = [i for i, _ in pairs], [j for _, j in pairs]
+        a, b = (to_unit_float(images[idx].to(pl_module.device)) for idx in (first, second))
+        ya, yb = (labels[idx].to(pl_module.device) for idx in (first, second))
+        grid = views.interpolation_grid(pl_module, a, b, self.steps, (ya, yb))
+        return {"images/interpolations": grid}
+
+
+class ConditionalViews(_Visual):
+    """A conditional model's two views: samples by class (one row per class, the same z in each
+    column, so a column is one "style" across the classes) and "the same image, every label"
+    (``n`` fixed test images, each encoded once under its own label and decoded with each)."""
+
+    needs_conditional = True
+
+    def __init__(
+        self, output_dir: str | Path, n: int = 8, n_styles: int = 8, **kwargs: Any
+    ) -> None:
+        super().__init__(output_dir, **kwargs)
+        self.n, self.n_styles = check_int("n", n, 1), check_int("n_styles", n_styles, 1)
+
+    @override
+    def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x, y = self._test_examples(trainer, self.n, pl_module.device)
+        return {
+            "images/samples_by_class": views.class_sample_grid(pl_module, self.n_styles, g),
+            "images/relabelled": views.relabel_grid(pl_module, x, y),
+        }
 
 
 class Traversals(_Visual):
@@ -283,8 +313,8 @@ class Traversals(_Visual):
 
     @override
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        x, _ = self._test_examples(trainer, 512, pl_module.device)  # the KL order is over x
-        grid = views.traversal_grid(pl_module, x, self.steps, self.span, self.max_dims)
+        x, y = self._test_examples(trainer, 512, pl_module.device)  # the KL order is over x
+        grid = views.traversal_grid(pl_module, x, self.steps, self.span, self.max_dims, y)
         return {"images/traversals": grid}
 
 
@@ -311,7 +341,7 @@ class LatentSpace(_Visual):
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         images, labels = trainer.datamodule.splits["test"]
         classes = trainer.datamodule.classes
-        feats = embed_images(pl_module, images)  # (N, D)
+        feats = embed_images(pl_module, images, labels=labels)  # (N, D)
         xy, y, how = views.latent_2d(
             feats.numpy(), labels.numpy(), self.method, self.tsne_n, self.seed
         )
@@ -368,7 +398,7 @@ class PosteriorCollapse(_ModelCallback):
         dataloader_idx: int = 0,
     ) -> None:
         if self._moments is not None:
-            mu, logvar = pl_module.encode(batch[0])
+            mu, logvar = pl_module.encode(*batch)  # (images, labels): a CVAE's encoder reads both
             self._moments.update(mu, gaussian_kl(mu, logvar))
 
     @override
@@ -479,11 +509,12 @@ class LatentProbe(_Periodic):
         classes = trainer.datamodule.classes
 
         def probe(features) -> Any:  # the same probes on any featurisation of the images
-            train, test = features(train_x), features(test_x)
+            train, test = features(train_x, train_y), features(test_x, test_y)
             kwargs = {"num_classes": len(classes), **self.kwargs}
             return fit_probes(train, train_y.numpy(), test, test_y.numpy(), **kwargs)
 
-        res = probe(lambda x: embed_images(pl_module, x).numpy())
+        # a conditional model's encoder reads the labels too
+        res = probe(lambda x, y: embed_images(pl_module, x, labels=y).numpy())
         metrics = {f"probe/{k}_acc": v for k, v in res.accuracy.items()}
         result: dict[str, Any] = {
             "features": "mu" if getattr(pl_module, "variational", False) else "z",
@@ -494,7 +525,7 @@ class LatentProbe(_Periodic):
             "seconds": res.seconds,
         }
         if self.pixels:
-            pix = probe(lambda x: to_unit_float(x).flatten(1).numpy())
+            pix = probe(lambda x, _: to_unit_float(x).flatten(1).numpy())
             metrics.update({f"probe/pixels_{k}_acc": v for k, v in pix.accuracy.items()})
             result["confusion_rf_pixels"] = pix.confusion.tolist()
         result["epochs_trained"] = epochs_done

@@ -23,7 +23,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.files import atomic_write
 
-MODEL_CLASSES = ("VAE", "AE", "ConvVAE")
+MODEL_CLASSES = ("VAE", "AE", "ConvVAE", "CVAE")
+# the classes whose weights carry the same names as another's (a CVAE is an MLP or a conv VAE
+# with wider inputs): _weights_class names the other
+LOOKS_LIKE = {"CVAE": ("VAE", "ConvVAE")}
 
 
 # How torch's weights_only unpickler words a refusal to build an object it does not admit (a
@@ -160,6 +163,8 @@ def model_class(checkpoint: dict[str, Any], path: Path, key: str = "ckpt") -> st
             f"{path} records model_class={recorded!r}; only vae_lightning's "
             f"{', '.join(MODEL_CLASSES)} are read",
         )
+    if inferred is not None and inferred in LOOKS_LIKE.get(recorded, ()):
+        inferred = recorded
     if recorded is not None and inferred is not None and recorded != inferred:
         raise ConfigError(
             key, f"{path} records model_class={recorded} but holds the weights of a {inferred}"
@@ -204,7 +209,7 @@ def load_model(path: Path, name: str, device: torch.device, key: str = "ckpt") -
     error naming what does not fit."""
     from vae_lightning import models
 
-    cls = {"VAE": models.VAE, "AE": models.AE, "ConvVAE": models.ConvVAE}[name]
+    cls = getattr(models, name)  # one of MODEL_CLASSES (model_class checked it)
     try:
         model = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
     except ConfigError as err:

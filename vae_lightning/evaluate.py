@@ -267,10 +267,11 @@ def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_terms(
-    model: Autoencoder, x: torch.Tensor, batch_size: int
+    model: Autoencoder, x: torch.Tensor, batch_size: int, y: torch.Tensor | None = None
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
     """Means over the test set of ``model.terms`` (the training definitions); for a VAE also
-    ``test/active_units`` and the record of the KL per dimension and Var_x of mu."""
+    ``test/active_units`` and the record of the KL per dimension and Var_x of mu. ``y``: the
+    labels (a conditional model reads them)."""
     from vae_lightning.losses import gaussian_kl
     from vae_lightning.metrics import LatentMoments, active_units
 
@@ -279,11 +280,12 @@ def mean_terms(
     moments = LatentMoments() if model.variational else None
     for lo, hi in _batches(len(x), batch_size):
         xb = x[lo:hi].to(device)  # (B, C, H, W) float
-        for key, value in model.terms(xb).items():
+        yb = None if y is None else y[lo:hi].to(device)
+        for key, value in model.terms(xb, y=yb).items():
             if value.ndim == 0:  # a batch mean (the rest are per-image outputs) -> a sum
                 sums[key] = sums.get(key, 0.0) + float(value) * (hi - lo)
         if moments is not None:
-            mu, logvar = model.encode(xb)  # (B, D)
+            mu, logvar = model.encode(xb, yb)  # (B, D)
             moments.update(mu, gaussian_kl(mu, logvar))
     metrics = {f"test/{k}": v / len(x) for k, v in sums.items()}
     if moments is None:
@@ -298,7 +300,12 @@ def mean_terms(
 
 
 def nll_iw(
-    subject: Subject, x: torch.Tensor, k: int, chunk: int, negative_elbo: float
+    subject: Subject,
+    x: torch.Tensor,
+    k: int,
+    chunk: int,
+    negative_elbo: float,
+    y: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """``test/nll_iw``: ``iwae_bound`` over the test set, a few images at a time."""
     from vae_lightning.metrics import iwae_bound
@@ -308,7 +315,14 @@ def nll_iw(
     per_call = max(1, ROWS_PER_PASS // min(chunk, k))
     nll = torch.cat(
         [
-            iwae_bound(subject.model, x[lo:hi].to(subject.device), k, chunk, generator).cpu()
+            iwae_bound(
+                subject.model,
+                x[lo:hi].to(subject.device),
+                k,
+                chunk,
+                generator,
+                None if y is None else y[lo:hi].to(subject.device),
+            ).cpu()
             for lo, hi in _batches(len(x), per_call)
         ]
     )  # (N,) nats
@@ -326,26 +340,30 @@ def nll_iw(
     }
 
 
-def grids(subject: Subject, x: torch.Tensor) -> dict[str, str]:
-    """16 fixed test images over their reconstructions, and 64 samples, as PNG grids."""
+def grids(subject: Subject, x: torch.Tensor, y: torch.Tensor) -> dict[str, str]:
+    """16 fixed test images over their reconstructions, and 64 samples, as PNG grids; for a
+    conditional model also its samples by class and its test images decoded with every label."""
     from vae_lightning import views
 
     model, seed, folder = subject.model, subject.seed, subject.run_dir / "eval"
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:16]
-    recon = views.reconstruction_grid(model, x[idx].to(subject.device))
+    xs, ys = x[idx].to(subject.device), y[idx].to(subject.device)
+    made = {"reconstructions": views.reconstruction_grid(model, xs, ys)}
     generator = torch.Generator(device=subject.device).manual_seed(seed)
-    samples = views.sample_grid(model, 64, nrow=8, generator=generator)
-    return {
-        "reconstructions": str(views.publish(recon, folder / "reconstructions.png")),
-        "samples": str(views.publish(samples, folder / "samples.png")),
-    }
+    made["samples"] = views.sample_grid(model, 64, nrow=8, generator=generator)
+    if model.conditional:
+        made["samples_by_class"] = views.class_sample_grid(model, 8, generator)
+        made["relabelled"] = views.relabel_grid(model, xs[:8], ys[:8])
+    return {name: str(views.publish(image, folder / f"{name}.png")) for name, image in made.items()}
 
 
 def frechet_distances(
     subject: Subject, fid_classifier: FIDClassifier, n_fid: int, batch_size: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """gen/fid (samples vs test images) and gen/fid_train_test (the floor)."""
-    from vae_lightning.fid import frechet_distance
+    """gen/fid (samples vs test images) and gen/fid_train_test (the floor); for a conditional
+    model also gen/cond_acc: the share of its class-c samples that the classifier assigns to c
+    (the classes drawn in turn)."""
+    from vae_lightning.fid import classifier_accuracy, frechet_distance
 
     model, seed = subject.model, subject.seed
     # The classifier and the distances see grey images (the raw files), whatever the run's
@@ -355,7 +373,14 @@ def frechet_distances(
     n = min(n_fid, len(test_grey))
     real = _subset(test_grey, n, seed)
     generator = torch.Generator(device=subject.device).manual_seed(seed + 1)
-    draws = (model.sample(hi - lo, generator=generator) for lo, hi in _batches(n, batch_size))
+    labels = torch.arange(n) % model.hparams.num_classes if model.conditional else None
+    draws = (
+        model.sample(
+            hi - lo, generator=generator,
+            y=None if labels is None else labels[lo:hi].to(subject.device),
+        )
+        for lo, hi in _batches(n, batch_size)
+    )  # fmt: skip
     fake = torch.cat([images.float().cpu() for images in draws])  # (n, C, H, W) in [0, 1]
     fid = frechet_distance(real, fake, classifier, batch_size)
     floor = frechet_distance(real, _subset(train_grey, n, seed + 1), classifier, batch_size)
@@ -363,6 +388,9 @@ def frechet_distances(
         "gen/fid: %.3f (train vs test floor %.3f; classifier accuracy %.4f)", fid, floor, accuracy
     )
     metrics = {"gen/fid": fid, "gen/fid_train_test": floor, "classifier/test_acc": accuracy}
+    if labels is not None:
+        metrics["gen/cond_acc"] = classifier_accuracy(classifier, fake, labels)
+        log.info("gen/cond_acc: %.4f", metrics["gen/cond_acc"])
     fake_z = "" if model.variational else " of z from the Gaussian fitted to the AE's codes"
     return metrics, {
         "n": n,
@@ -403,7 +431,10 @@ def latent_probes(
     (train_x, train_y), (test_x, test_y) = dm.splits["train"], dm.splits["test"]
     if max_train:  # the same seed and length: the same permutation for images and labels
         train_x, train_y = _subset(train_x, max_train, seed), _subset(train_y, max_train, seed)
-    train_z, test_z = (embed_images(model, x, batch_size).numpy() for x in (train_x, test_x))
+    train_z, test_z = (
+        embed_images(model, x, batch_size, labels=y).numpy()
+        for x, y in ((train_x, train_y), (test_x, test_y))
+    )
     # seed 2's RandomForest (random_state=42, fit_probes' default)
     res = fit_probes(train_z, train_y.numpy(), test_z, test_y.numpy(), num_classes=len(dm.classes))
     return {f"probe/{key}_acc": value for key, value in res.accuracy.items()}, {
@@ -488,17 +519,18 @@ def evaluate(
                 seed=classifier_seed, epochs=classifier_epochs, max_steps=classifier_max_steps,
                 retrain=retrain_classifier, min_accuracy=classifier_min_accuracy,
             )  # fmt: skip
+    y = subject.dm.splits["test"][1]  # (N,) the labels of x, in its order
     with _timed(seconds, "terms"):
-        found, latent = mean_terms(subject.model, x, batch_size)
+        found, latent = mean_terms(subject.model, x, batch_size, y)
     metrics.update(found)
     if latent is not None:  # a VAE
         result["latent"] = latent
     if subject.model.variational and k > 0:
         negative_elbo = metrics["test/recon"] + metrics["test/kl"]
-        found, result["nll_iw"] = nll_iw(subject, x, k, chunk, negative_elbo)
+        found, result["nll_iw"] = nll_iw(subject, x, k, chunk, negative_elbo, y)
         metrics.update(found)
         seconds["nll_iw"] = result["nll_iw"]["seconds"]
-    result["images"] = grids(subject, x)
+    result["images"] = grids(subject, x, y)
     if n_fid > 0:
         with _timed(seconds, "fid"):
             found, result["fid"] = frechet_distances(subject, fid_classifier, n_fid, batch_size)

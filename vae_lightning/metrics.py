@@ -18,15 +18,20 @@ from vae_lightning.views import eval_mode
 
 
 def embed_images(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 1000,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``model.embed`` of uint8 images (N, C, H, W), batched on the model device -> (N, D), cpu."""
+    """``model.embed`` of uint8 images (N, C, H, W), batched on the model device -> (N, D), cpu;
+    ``labels`` (N,): what a conditional model's encoder reads beside the images."""
     device = next(model.parameters()).device
+    out = []
     with eval_mode(model):
-        out = [
-            model.embed(to_unit_float(images[i : i + batch_size].to(device))).float().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
+        for i in range(0, len(images), batch_size):
+            x = to_unit_float(images[i : i + batch_size].to(device))
+            y = None if labels is None else labels[i : i + batch_size].to(device)
+            out.append(model.embed(x, y).float().cpu())
     return torch.cat(out)
 
 
@@ -132,6 +137,7 @@ def iwae_bound(
     k: int = 1000,
     chunk: int = 100,
     generator: torch.Generator | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance-weighted estimate of -log p(x) per image, in nats: (B, C, H, W) -> (B,).
 
@@ -142,9 +148,10 @@ def iwae_bound(
     k = 1 is the single-sample negative ELBO (``recon + kl`` of the training loss at beta = 1) in
     expectation.
 
-    For VAEs only (``model.variational``): ``model.encode(x) -> (mu, logvar)``, ``model.decoder(z)
-    -> logits`` of a Bernoulli likelihood (``-recon_bce``), prior N(0, I). On grey-level images
-    the Bernoulli "likelihood" is not a normalised density; it is one on binarized images.
+    For VAEs only (``model.variational``): ``model.encode(x, y) -> (mu, logvar)``,
+    ``model.logits(z, y)`` of a Bernoulli likelihood (``-recon_bce``), prior N(0, I). On
+    grey-level images the Bernoulli "likelihood" is not a normalised density; it is one on
+    binarized images.
 
     Cost: k decoder passes per image (k / chunk batched passes of chunk * B rows), plus one
     encoder pass; memory holds chunk * B decoded images at a time.
@@ -154,7 +161,7 @@ def iwae_bound(
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     with eval_mode(model) if isinstance(model, torch.nn.Module) else torch.no_grad():
-        mu, logvar = model.encode(x)  # (B, D) each
+        mu, logvar = model.encode(x, y)  # (B, D) each
         std = torch.exp(0.5 * logvar)
         b = x.size(0)
         # log-sum-exp of each chunk's log-weights, merged at the end: the result does not depend
@@ -164,7 +171,8 @@ def iwae_bound(
             m = min(chunk, k - start)
             eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + std * eps  # (m, B, D)
-            logits = model.decoder(z.reshape(m * b, -1))  # (m*B, C, H, W)
+            labels = None if y is None else y.repeat(m)  # z.reshape's order: sample-major
+            logits = model.logits(z.reshape(m * b, -1), labels)  # (m*B, C, H, W)
             target = x.unsqueeze(0).expand(m, *x.shape).reshape(m * b, *x.shape[1:])
             log_px_z = -recon_bce(logits, target).view(m, b)  # (m, B)
             log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)  # (m, B), N(0, I)

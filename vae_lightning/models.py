@@ -53,6 +53,32 @@ def _shape(key: str, value: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _channels(value: Any) -> list[int]:
+    try:
+        channels = [int(c) for c in value]
+    except (TypeError, ValueError):
+        raise ConfigError("channels", f"must be a list of integers, got {value!r}") from None
+    if not channels or min(channels) < 1:
+        raise ConfigError("channels", f"must be a non-empty list of integers >= 1: {channels}")
+    return channels
+
+
+def _conv_networks(
+    hp: Any, in_channels: int, out_features: int, decoder_in: int, **deep: Any
+) -> tuple[nn.Module, nn.Module]:
+    """Seed 2's convolutional encoder and decoder, checked to decode the images' size."""
+    (c, h, w), channels = hp.in_shape, hp.channels
+    encoder = ConvEncoder(in_channels, channels, out_features, in_size=h, **deep)
+    decoder = ConvDecoder(decoder_in, channels, c, start_size=encoder.out_spatial, **deep)
+    if h != w or decoder.out_size != h:
+        raise ConfigError(
+            "channels",
+            f"{len(channels)} stride-2 layers on {h}x{w} images decode to "
+            f"{decoder.out_size}x{decoder.out_size}; use 3 layers for 28x28 images",
+        )
+    return encoder, decoder
+
+
 def _mlp(hp: Any, out_features: int) -> tuple[nn.Module, nn.Module]:
     """Seed 1's MLP encoder (to ``out_features``) and decoder, from the hyper-parameters."""
     encoder = MLPEncoder(math.prod(hp.in_shape), hp.hidden_dim, out_features)
@@ -69,6 +95,7 @@ class Autoencoder(L.LightningModule):
     """
 
     variational = False
+    conditional = False  # True: encode, decode, terms and sample take the labels ``y``
 
     def __init__(
         self,
@@ -158,17 +185,25 @@ class Autoencoder(L.LightningModule):
         return {**out, "objective": objective + weight * feature, "feature": feature}
 
     # --- the maths --------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> Any:
+    # ``y``: the images' labels (B,), used by a conditional model only (``conditional``); the
+    # others take and ignore it, so that callers pass the labels they have
+    def encode(self, x: torch.Tensor, y: Knob = None) -> Any:
         raise NotImplementedError
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, y: Knob = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def logits(self, z: torch.Tensor, y: Knob = None) -> torch.Tensor:
+        """(B, latent_dim) -> the decoder's Bernoulli logits (B, C, H, W)."""
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor, y: Knob = None) -> torch.Tensor:
         """(B, latent_dim) -> images (B, C, H, W) in [0, 1]."""
-        return torch.sigmoid(self.decoder(z))
+        return torch.sigmoid(self.logits(z, y))
 
-    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
+    def terms(
+        self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None, y: Knob = None
+    ) -> Terms:
         """The loss terms of a batch: 0-dim batch means in nats per image (``loss`` is reported,
         ``objective`` optimised, ``loss`` when there is none), plus any per-image outputs that
         ``observe`` uses.
@@ -189,7 +224,9 @@ class Autoencoder(L.LightningModule):
         """Called by the step with each training batch's ``terms``, outside any compiled code."""
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: Knob = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def configure_optimizers(self) -> Any:
@@ -276,12 +313,14 @@ class AE(Autoencoder):
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return _mlp(self.hparams, out_features=self.hparams.latent_dim)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: Knob = None) -> torch.Tensor:
         return self.encoder(x)  # (B, latent_dim)
 
     embed = encode
 
-    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
+    def terms(
+        self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None, y: Knob = None
+    ) -> Terms:
         z = self.encoder(x)  # (B, D)
         if mask is not None:
             z = z * mask
@@ -333,7 +372,9 @@ class AE(Autoencoder):
         self._code_stats = None
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: Knob = None
+    ) -> torch.Tensor:
         eye = torch.eye(self.latent_dim, device=self.code_cov.device, dtype=self.code_cov.dtype)
         chol = torch.linalg.cholesky(self.code_cov + 1e-6 * eye)
         eps = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
@@ -345,13 +386,13 @@ class _GaussianVAE(Autoencoder):
 
     variational = True
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, y: Knob = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x -> (mu, logvar), each (B, latent_dim); logvar clamped so exp cannot overflow."""
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(x)[0]
+    def embed(self, x: torch.Tensor, y: Knob = None) -> torch.Tensor:
+        return self.encode(x, y)[0]
 
     @staticmethod
     def reparameterize(
@@ -362,14 +403,16 @@ class _GaussianVAE(Autoencoder):
         eps = torch.randn_like(mu) if noise is None else noise
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def terms(self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None) -> Terms:
-        mu, logvar = self.encode(x)  # (B, D) each
+    def terms(
+        self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None, y: Knob = None
+    ) -> Terms:
+        mu, logvar = self.encode(x, y)  # (B, D) each
         if mask is not None:  # unused dimensions: N(0, 1) exactly, so their KL is exactly 0
             mu, logvar = mu * mask, logvar * mask
         z = self.reparameterize(mu, logvar, noise)  # one sample: the single-sample ELBO
         if mask is not None:
             z = z * mask
-        logits = self.decoder(z)  # (B, C, H, W)
+        logits = self.logits(z, y)  # (B, C, H, W)
         recon = recon_bce(logits, x).mean()
         kl_per_dim = gaussian_kl(mu, logvar)  # (B, D)
         kl = kl_per_dim.sum(1).mean()
@@ -396,9 +439,11 @@ class _GaussianVAE(Autoencoder):
         return kl_weight(spec, self.beta, trainer.global_step, steps, total)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: Knob = None
+    ) -> torch.Tensor:
         z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
-        return self.decode(z)
+        return self.decode(z, y)
 
 
 class VAE(_GaussianVAE):
@@ -459,29 +504,89 @@ class ConvVAE(_GaussianVAE):
         if not isinstance(hp["batchnorm"], bool):
             raise ConfigError("batchnorm", f"must be true or false, got {hp['batchnorm']!r}")
         hp["activation"] = check_choice("activation", hp["activation"], ACTIVATIONS)
-        try:
-            channels = [int(c) for c in hp["channels"]]
-        except (TypeError, ValueError):
-            raise ConfigError(
-                "channels", f"must be a list of integers, got {hp['channels']!r}"
-            ) from None
-        if not channels or min(channels) < 1:
-            raise ConfigError("channels", f"must be a non-empty list of integers >= 1: {channels}")
-        hp["channels"] = channels
+        hp["channels"] = _channels(hp["channels"])
         return super().check_hparams(hp)
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         hp = self.hparams
-        (c, h, w), channels = hp.in_shape, hp.channels
         deep = {
             "extra_channels": hp.extra_channels, "batchnorm": hp.batchnorm, "act": hp.activation,
         }  # fmt: skip
-        encoder = ConvEncoder(c, channels, 2 * hp.latent_dim, in_size=h, **deep)
-        decoder = ConvDecoder(hp.latent_dim, channels, c, start_size=encoder.out_spatial, **deep)
-        if h != w or decoder.out_size != h:
-            raise ConfigError(
-                "channels",
-                f"{len(channels)} stride-2 layers on {h}x{w} images decode to "
-                f"{decoder.out_size}x{decoder.out_size}; use 3 layers for 28x28 images",
-            )
-        return encoder, decoder
+        return _conv_networks(hp, hp.in_shape[0], 2 * hp.latent_dim, hp.latent_dim, **deep)
+
+
+class CVAE(_GaussianVAE):
+    """A conditional VAE (Sohn et al. 2015): the label y conditions the encoder q(z | x, y) and
+    the decoder p(x | z, y); the prior stays N(0, I). ``arch="mlp"`` is seed 1's 784-400-20 MLP
+    (the encoder reads the flattened image and the one-hot label, the decoder z and the
+    one-hot label); ``arch="conv"`` is seed 2's ConvVAE (the label enters the encoder as
+    ``num_classes`` constant one-hot image planes, the decoder as z's one-hot companion).
+
+    Every method takes the labels ``y`` (B,) as class indices, or (B, num_classes) class
+    weights (a soft label, e.g. interpolated between two classes); ``sample(n)`` without
+    labels draws the classes in turn (0, 1, ..., num_classes - 1, 0, ...)."""
+
+    conditional = True
+
+    def __init__(
+        self,
+        latent_dim: int = 20,
+        num_classes: int = 10,
+        arch: str = "mlp",
+        hidden_dim: int = 400,
+        channels: Sequence[int] = (32, 64, 128),
+        beta: float = 1.0,
+        lr: float = 1e-3,
+        in_shape: Sequence[int] = (1, 28, 28),
+        fused_adam: bool = True,
+        compile: bool = False,
+        scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
+        feature_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
+        )
+
+    def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
+        hp["num_classes"] = check_int("num_classes", hp["num_classes"], 2)
+        hp["arch"] = check_choice("arch", hp["arch"], ("mlp", "conv"))
+        hp["channels"] = _channels(hp["channels"])
+        return super().check_hparams(hp)
+
+    def build_networks(self) -> tuple[nn.Module, nn.Module]:
+        hp, k = self.hparams, self.hparams.num_classes
+        if hp.arch == "mlp":
+            encoder = MLPEncoder(math.prod(hp.in_shape) + k, hp.hidden_dim, 2 * hp.latent_dim)
+            return encoder, MLPDecoder(hp.latent_dim + k, hp.hidden_dim, hp.in_shape)
+        return _conv_networks(hp, hp.in_shape[0] + k, 2 * hp.latent_dim, hp.latent_dim + k)
+
+    def one_hot(self, y: Knob, like: Tensor) -> Tensor:
+        """Labels (B,) or class weights (B, num_classes) -> (B, num_classes), ``like``'s dtype."""
+        if y is None:
+            raise ValueError("a CVAE needs the labels y: encode(x, y), decode(z, y), terms(x, y=y)")
+        k = self.hparams.num_classes
+        if y.ndim == 2:
+            return y.to(like.dtype)
+        return torch.nn.functional.one_hot(y.long(), k).to(like.dtype)
+
+    def encode(self, x: torch.Tensor, y: Knob = None) -> tuple[torch.Tensor, torch.Tensor]:
+        onehot = self.one_hot(y, x)  # (B, K)
+        if self.hparams.arch == "mlp":
+            xy = torch.cat([x.flatten(1), onehot], dim=1)  # (B, C*H*W + K)
+        else:  # one constant plane per class
+            planes = onehot[:, :, None, None].expand(-1, -1, *x.shape[2:])  # (B, K, H, W)
+            xy = torch.cat([x, planes], dim=1)  # (B, C + K, H, W)
+        mu, logvar = self.encoder(xy).chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def logits(self, z: torch.Tensor, y: Knob = None) -> torch.Tensor:
+        return self.decoder(torch.cat([z, self.one_hot(y, z)], dim=1))  # (B, D + K) -> logits
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: Knob = None
+    ) -> torch.Tensor:
+        if y is None:  # the classes in turn
+            y = torch.arange(n, device=self.device) % self.hparams.num_classes
+        return super().sample(n, generator, y)

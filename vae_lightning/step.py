@@ -79,14 +79,14 @@ class AutomaticStep:
         self.means = EpochMeans()
 
     def training_step(self, model: Autoencoder, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, _ = batch  # (B, C, H, W) float in [0, 1], converted on the device by the DataModule
+        x, y = batch  # (B, C, H, W) float in [0, 1], converted on the device by the DataModule
         if batch_idx == 0:  # a new epoch (a run resumed mid-epoch restored its partial sums)
             self.means.reset("train")
         weight = model.kl_weight() if model.variational else None
-        if weight is None:
-            out = model.terms_fn(x)
-        else:  # a tensor, so that a compiled terms is not recompiled for every value
-            out = model.terms_fn(x, beta=torch.tensor(weight, device=x.device))
+        knobs = {"y": y} if model.conditional else {}
+        if weight is not None:  # a tensor, so that a compiled terms is not recompiled each value
+            knobs["beta"] = torch.tensor(weight, device=x.device)
+        out = model.terms_fn(x, **knobs)
         model.observe(out)
         terms = _scalars(out)
         self.means.add("train", terms, x.size(0))
@@ -107,8 +107,9 @@ class AutomaticStep:
         return terms.get("objective", terms["loss"])
 
     def eval_step(self, model: Autoencoder, batch: Any, stage: str) -> None:
-        x, _ = batch
-        self.means.add(stage, _scalars(model.terms_fn(x)), x.size(0))
+        x, y = batch
+        knobs = {"y": y} if model.conditional else {}
+        self.means.add(stage, _scalars(model.terms_fn(x, **knobs)), x.size(0))
 
     def log_means(self, model: Autoencoder, stage: str) -> None:
         trainer = model._trainer
