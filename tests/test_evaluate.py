@@ -93,9 +93,13 @@ class TinyBernoulliVAE(nn.Module):
         self.register_buffer("table_mu", torch.stack(mus) + variances.sqrt())
         self.register_buffer("table_logvar", variances.log())
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the models' interface (models.Autoencoder): labels y, which an unconditional model ignores
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         index = (x @ BITS).long()  # (B,)
         return self.table_mu[index], self.table_logvar[index]  # (B, 2) each
+
+    def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z)
 
 
 def exact_log_px(model: TinyBernoulliVAE, x: torch.Tensor) -> torch.Tensor:
