@@ -141,7 +141,9 @@ def run_all(
             )
         if not done:
             log.info("reproduce: training %s (%d epochs) in %s", name, epochs, folder)
-            run = [*overrides, f"trainer.max_epochs={epochs}"]
+            # resume=true: an interrupted run continues from its last.ckpt, one that failed
+            # before its first checkpoint starts again
+            run = [*overrides, f"trainer.max_epochs={epochs}", "resume=true"]
             paths = [f"paths.data_dir={data_dir}", f"paths.output_dir={folder}"]
             train(config.compose([*run, *paths, *extra]))
         # The final model, as in the seeds. The "best" checkpoint is chosen by val/loss, which is
