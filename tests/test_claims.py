@@ -10,9 +10,12 @@ import pytest
 
 from tests.conftest import SMALL, run_tool, write_synthetic
 from vae_lightning.claims import Claim, judge, main, spread
+from vae_lightning.config import compose
+from vae_lightning.errors import ConfigError
 from vae_lightning.evaluate import prepare_classifiers
 from vae_lightning.report import fmt
 from vae_lightning.reproduce import Result
+from vae_lightning.train import train as train_run
 
 
 def _result(nll: float, rf: float) -> Result:
@@ -77,6 +80,12 @@ def test_the_study_trains_evaluates_and_reports_every_variant(tmp_path):
         f"data_dir={data}", "k=2", "n_fid=64", "classifier_epochs=8",
         "train=[" + ",".join(f"'{t}'" for t in train) + "]",
     ]  # fmt: skip
+    # a run that failed before its first checkpoint (here a bad value) starts again
+    failed = [*[f"paths.{k}={v}" for k, v in (("data_dir", data), ("output_dir", out / "beta2"))],
+              *train, "experiment=seed2_convvae_fashion", "model.lr=-1"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.lr"):
+        train_run(compose(failed))
+    assert json.loads((out / "beta2" / "metrics.json").read_text())["status"] == "failed"
     assert main(args) == 0
     report = (out / "CLAIMS.md").read_text()
     rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")}

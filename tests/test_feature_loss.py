@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SMALL, run_cli, run_tool
+from tests.conftest import SMALL, run_cli, run_tool, write_synthetic
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.fid import FeatureClassifier, classifier_path
@@ -122,3 +122,19 @@ def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_j
         figures[seed] = json.loads((out / "eval.json").read_text())["metrics"]["gen/fid"]
     assert classifier_path(feature_data, "fashion_mnist", 1).is_file()
     assert figures[0] != figures[1]
+
+
+def test_a_classifier_too_weak_for_the_feature_loss_is_one_line_before_training(tmp_path):
+    data = write_synthetic(tmp_path / "data")  # no classifier cached: 4 epochs reach 0.65 here
+    out = tmp_path / "run"
+    done = run_cli(f"paths.data_dir={data}", f"hydra.run.dir={out}", *SMALL,
+                   "data=fashion_mnist", "model.feature_loss_weight=0.5",
+                   "callbacks=minimal")  # fmt: skip
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert line.count("\n") == 0
+    assert line.startswith("error: model.feature_loss_weight needs fashion_mnist's classifier: ")
+    assert "below classifier_min_accuracy=0.8" in line
+    assert f"vae-evaluate classifiers=true data_dir={data} datasets=fashion_mnist" in line
+    assert not (out / "checkpoints").exists()
+    assert not classifier_path(data, "fashion_mnist").exists()  # below the floor: not cached
