@@ -61,6 +61,7 @@ def final_metrics(out: Path) -> dict:
         # the schedulers' state travels too: the same learning rate at every epoch (train/lr)
         (signal.SIGTERM, ["scheduler=cosine", "model.scheduler.warmup_epochs=1"]),
         (signal.SIGTERM, ["scheduler=plateau", "model.scheduler.patience=0"]),
+        (signal.SIGTERM, ["scheduler=burda", "model.scheduler.stages=3"]),
         # the KL weight is a function of the step: the same train/beta at every epoch
         (signal.SIGTERM, ["kl=cyclical", "model.kl.cycles=3"]),
         # the feature-matching loss: its frozen classifier travels in the checkpoint

@@ -61,7 +61,10 @@ def test_none_is_a_constant_rate_and_the_default():
         ({"name": "plateau", "factor": 1.5}, "scheduler.factor must be below 1"),
         ({"name": "plateau", "factor": 0}, "scheduler.factor must be a finite number > 0"),
         ({"name": "plateau", "patience": "x"}, "scheduler.patience must be an integer >= 0"),
-        ({"name": "step"}, "scheduler.name must be one of none, plateau, cosine, got 'step'"),
+        (
+            {"name": "step"},
+            "scheduler.name must be one of none, plateau, cosine, burda, got 'step'",
+        ),
         ({"name": "cosine", "T_max": 3}, "cosine takes warmup_epochs, eta_min, not T_max"),
         ("cosine", "scheduler must be a mapping"),
     ],

@@ -153,6 +153,9 @@ def iwae_bound(
     grey-level images the Bernoulli "likelihood" is not a normalised density; it is one on
     binarized images.
 
+    A model with its own latent structure (``HVAE``) gives its importance weights through
+    ``model.log_weights(x, m, generator)``: log p(x|z), log p(z) and log q(z|x), each (m, B).
+
     Cost: k decoder passes per image (k / chunk batched passes of chunk * B rows), plus one
     encoder pass; memory holds chunk * B decoded images at a time.
     """
@@ -169,6 +172,10 @@ def iwae_bound(
         partial: list[torch.Tensor] = []
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
+            if hasattr(model, "log_weights"):  # a model with its own latent structure (HVAE)
+                w = model.log_weights(x, m, generator)  # (m, B) each
+                partial.append(torch.logsumexp(w["log_px"] + w["log_p"] - w["log_q"], dim=0))
+                continue
             eps = torch.randn((m, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + std * eps  # (m, B, D)
             labels = None if y is None else y.repeat(m)  # z.reshape's order: sample-major

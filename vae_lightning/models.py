@@ -30,6 +30,7 @@ from vae_lightning.networks import (
     ConvEncoder,
     MLPDecoder,
     MLPEncoder,
+    TanhMLP,
 )
 from vae_lightning.schedules import check_kl, check_scheduler, kl_weight, lr_scheduler
 from vae_lightning.step import AutomaticStep
@@ -41,6 +42,18 @@ Knob = Tensor | None
 # exp(0.5 * logvar) and exp(logvar) stay finite in fp16/bf16/fp32 within this range; values
 # outside it mean sigma < 3e-7 or > 2e4, which no useful posterior on [0, 1] pixels needs.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _gaussian(out: Tensor) -> tuple[Tensor, Tensor]:
+    """A network's output (..., 2D) -> (mu, logvar), logvar clamped as in the VAEs."""
+    mu, logvar = out.chunk(2, dim=-1)
+    return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+def _log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
 
 
 def _shape(key: str, value: Sequence[int]) -> tuple[int, ...]:
@@ -222,6 +235,16 @@ class Autoencoder(L.LightningModule):
 
     def observe(self, out: dict[str, torch.Tensor]) -> None:
         """Called by the step with each training batch's ``terms``, outside any compiled code."""
+
+    def kl_weight(self) -> float | None:
+        """The scheduled KL weight of this training step, or None for a constant ``beta`` (and
+        for a model without a KL term)."""
+        spec, trainer = self.hparams.get("kl"), self._trainer
+        if spec is None or spec["name"] == "constant" or trainer is None:
+            return None
+        steps = max(1, trainer.num_training_batches)
+        total = int(trainer.estimated_stepping_batches)
+        return kl_weight(spec, self.beta, trainer.global_step, steps, total)
 
     @torch.no_grad()
     def sample(
@@ -429,15 +452,6 @@ class _GaussianVAE(Autoencoder):
         out = {"loss": recon + kl, "objective": objective, "recon": recon, "kl": kl, "mse": mse}
         return self.with_feature_term(out, logits, x)
 
-    def kl_weight(self) -> float | None:
-        """The scheduled KL weight of this training step, or None for a constant ``beta``."""
-        spec, trainer = self.hparams.get("kl"), self._trainer
-        if spec is None or spec["name"] == "constant" or trainer is None:
-            return None
-        steps = max(1, trainer.num_training_batches)
-        total = int(trainer.estimated_stepping_batches)
-        return kl_weight(spec, self.beta, trainer.global_step, steps, total)
-
     @torch.no_grad()
     def sample(
         self, n: int, generator: torch.Generator | None = None, y: Knob = None
@@ -590,3 +604,133 @@ class CVAE(_GaussianVAE):
         if y is None:  # the classes in turn
             y = torch.arange(n, device=self.device) % self.hparams.num_classes
         return super().sample(n, generator, y)
+
+
+class HVAE(Autoencoder):
+    """The IWAE paper's VAE with one or two stochastic layers (Burda et al. 2015, Sec. 5).
+
+    Two layers (the default): q(z1|x) 784-200-200-(100), q(z2|z1) 100-100-100-(50),
+    p(z1|z2) 50-100-100-(100), p(x|z1) 100-200-200-784 (Bernoulli logits), tanh, diagonal
+    Gaussians, prior N(0, I) on z2. One layer (``layers=1``): q(z|x) 784-200-200-(50),
+    p(x|z) 50-200-200-784. ``latent_dim`` is the top layer's size, ``inner_dim`` z1's.
+
+    The KL of a two-layer model has no closed form: ``kl`` is the one-sample estimate
+    log q(z1|x) + log q(z2|z1) - log p(z1|z2) - log p(z2), so ``loss = recon + kl`` is the
+    one-sample negative ELBO, as for the other VAEs. ``log_weights`` gives the importance
+    weights of the IWAE bound (vae-evaluate's test/nll_iw). The views and probes work in z1,
+    the layer the decoder reads: ``encode`` is q(z1|x), ``decode`` p(x|z1); ``sample`` draws
+    the top layer from the prior and goes down.
+    """
+
+    variational = True
+
+    def __init__(
+        self,
+        latent_dim: int = 50,
+        layers: int = 2,
+        inner_dim: int = 100,
+        hidden_dims: Sequence[int] = (200, 100),
+        beta: float = 1.0,
+        lr: float = 1e-3,
+        in_shape: Sequence[int] = (1, 28, 28),
+        fused_adam: bool = True,
+        compile: bool = False,
+        scheduler: dict[str, Any] | None = None,
+        kl: dict[str, Any] | None = None,
+        feature_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
+        )
+
+    def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
+        hp["layers"] = check_int("layers", hp["layers"], 1)
+        if hp["layers"] > 2:
+            raise ConfigError("layers", f"must be 1 or 2, got {hp['layers']}")
+        hp["inner_dim"] = check_int("inner_dim", hp["inner_dim"], 1)
+        hp["hidden_dims"] = _channels(hp["hidden_dims"])  # positive integers
+        if len(hp["hidden_dims"]) < hp["layers"]:
+            raise ConfigError(
+                "hidden_dims", f"needs one width per layer ({hp['layers']}): {hp['hidden_dims']}"
+            )
+        hp = super().check_hparams(hp)
+        if hp.get("kl") and hp["kl"]["free_bits"] > 0:
+            raise ConfigError(
+                "kl.free_bits", "needs per-dimension KLs in closed form; HVAE's is estimated"
+            )
+        return hp
+
+    @property
+    def z1_dim(self) -> int:
+        """The size of the layer the decoder reads."""
+        return self.hparams.inner_dim if self.hparams.layers == 2 else self.latent_dim
+
+    def build_networks(self) -> tuple[nn.Module, nn.Module]:
+        hp = self.hparams
+        pixels, (h1, *rest) = math.prod(hp.in_shape), hp.hidden_dims
+        encoder, decoder = nn.ModuleDict(), nn.ModuleDict()
+        encoder["q1"] = TanhMLP(pixels, h1, 2 * self.z1_dim)
+        decoder["px"] = TanhMLP(self.z1_dim, h1, pixels)
+        if hp.layers == 2:
+            encoder["q2"] = TanhMLP(self.z1_dim, rest[0], 2 * hp.latent_dim)
+            decoder["p1"] = TanhMLP(hp.latent_dim, rest[0], 2 * self.z1_dim)
+        return encoder, decoder
+
+    def encode(self, x: torch.Tensor, y: Knob = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z1|x): (mu, logvar), each (B, z1_dim)."""
+        return _gaussian(self.encoder["q1"](x))
+
+    def embed(self, x: torch.Tensor, y: Knob = None) -> torch.Tensor:
+        return self.encode(x)[0]
+
+    def logits(self, z: torch.Tensor, y: Knob = None) -> torch.Tensor:
+        return self.decoder["px"](z).view(-1, *self.hparams.in_shape)
+
+    def log_weights(
+        self, x: Tensor, m: int = 1, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``m`` draws from q for each image: log p(x|z1), log p(z) and log q(z|x), each (m, B),
+        and the decoder's logits of the first draw."""
+        mu1, logvar1 = self.encode(x)  # (B, D1)
+        eps = torch.randn((m, *mu1.shape), generator=generator, device=x.device, dtype=x.dtype)
+        z1 = mu1 + eps * torch.exp(0.5 * logvar1)  # (m, B, D1)
+        log_q = _log_normal(z1, mu1, logvar1)
+        if self.hparams.layers == 2:
+            mu2, logvar2 = _gaussian(self.encoder["q2"](z1.flatten(0, 1)))  # (m*B, D2)
+            eps2 = torch.randn(mu2.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z2 = mu2 + eps2 * torch.exp(0.5 * logvar2)
+            log_q = log_q + _log_normal(z2, mu2, logvar2).view(m, -1)
+            prior = _log_normal(z2, torch.zeros_like(z2), torch.zeros_like(z2)).view(m, -1)
+            mu_p, logvar_p = _gaussian(self.decoder["p1"](z2))  # p(z1|z2)
+            log_p = prior + _log_normal(z1.flatten(0, 1), mu_p, logvar_p).view(m, -1)
+        else:
+            log_p = _log_normal(z1, torch.zeros_like(z1), torch.zeros_like(z1))
+        logits = self.logits(z1.flatten(0, 1))  # (m*B, C, H, W)
+        target = x.unsqueeze(0).expand(m, *x.shape).flatten(0, 1)
+        log_px = -recon_bce(logits, target).view(m, -1)
+        return {"log_px": log_px, "log_p": log_p, "log_q": log_q, "logits": logits[: len(x)]}
+
+    def terms(
+        self, x: Tensor, noise: Knob = None, mask: Knob = None, beta: Knob = None, y: Knob = None
+    ) -> Terms:
+        if noise is not None or mask is not None:
+            raise ValueError("HVAE is not stacked: terms takes no noise or mask")
+        w = self.log_weights(x)
+        recon = -w["log_px"].mean()
+        kl = (w["log_q"] - w["log_p"]).mean()  # one-sample estimate of both layers' KL
+        weight = self.beta if beta is None else beta
+        with torch.no_grad():
+            mse = mse_per_pixel(torch.sigmoid(w["logits"]), x).mean()
+        out = {"loss": recon + kl, "objective": recon + weight * kl, "recon": recon, "kl": kl}
+        return self.with_feature_term({**out, "mse": mse}, w["logits"], x)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, y: Knob = None
+    ) -> torch.Tensor:
+        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+        if self.hparams.layers == 2:  # down through p(z1|z2)
+            mu, logvar = _gaussian(self.decoder["p1"](z))
+            eps = torch.randn(mu.shape, generator=generator, device=self.device)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        return self.decode(z)

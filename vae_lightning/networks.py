@@ -47,6 +47,25 @@ class MLPDecoder(nn.Module):
         return self.net(z).view(-1, *self.out_shape)
 
 
+class TanhMLP(nn.Module):
+    """(B, ...) -> flatten -> two tanh layers of ``hidden`` -> (B, out_features): one
+    deterministic block of the IWAE paper's networks (Burda et al. 2015, Sec. 5)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 ACTIVATIONS = ("relu", "leaky_relu")
 
 

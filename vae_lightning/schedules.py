@@ -27,6 +27,9 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "plateau": {"factor": 0.5, "patience": 5, "min_lr": 0.0},
     # CosineAnnealingLR over trainer.max_epochs, after `warmup_epochs` of linear warm-up
     "cosine": {"warmup_epochs": 0, "eta_min": 0.0},
+    # the IWAE paper's (Burda et al. 2015, Sec. 5): lr * 10^(-i/7) for 3^i epochs, i = 0 ..
+    # stages - 1 (all 8: 3280 epochs), then the last rate
+    "burda": {"stages": 8},
 }
 
 
@@ -66,7 +69,24 @@ def check_scheduler(spec: Any) -> dict[str, Any] | None:
     elif name == "cosine":
         out["warmup_epochs"] = check_int("scheduler.warmup_epochs", out["warmup_epochs"], 0)
         out["eta_min"] = check_float("scheduler.eta_min", out["eta_min"], 0.0)
+    elif name == "burda":
+        out["stages"] = check_int("scheduler.stages", out["stages"], 1)
     return None if name == "none" else out
+
+
+def burda_factor(epoch: int, stages: int) -> float:
+    """The IWAE paper's learning-rate factor at ``epoch`` (0-based): 10^(-i/7) during stage i,
+    which lasts 3^i epochs (stage 0: epoch 0; stage 1: epochs 1-3; stage 2: 4-12; ...)."""
+    i, end = 0, 1
+    while epoch >= end and i < stages - 1:
+        i += 1
+        end += 3**i
+    return 10.0 ** (-i / 7)
+
+
+def burda_epochs(stages: int) -> int:
+    """The epochs of ``stages`` stages: 1 + 3 + ... + 3^(stages-1)."""
+    return (3**stages - 1) // 2
 
 
 def lr_scheduler(
@@ -80,6 +100,10 @@ def lr_scheduler(
             optimizer, factor=spec["factor"], patience=spec["patience"], min_lr=spec["min_lr"]
         )
         return {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+    if spec["name"] == "burda":
+        stages = spec["stages"]
+        lam = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: burda_factor(e, stages))
+        return {"scheduler": lam, "interval": "epoch"}
     warmup = spec["warmup_epochs"]
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, max_epochs - warmup), eta_min=spec["eta_min"]
