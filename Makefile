@@ -54,7 +54,7 @@ reproduce: data ## both seeds at full length, evaluated, into outputs/reproduce/
 reproduce-quick: data ## the same pipeline with 2 epochs per model, into outputs/reproduce_quick/
 	$(BIN)/vae-reproduce quick=true data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
-claims: data ## the seeds' proposals on seed 2's ConvVAE, measured: outputs/claims_5ep/CLAIMS.md (~1 h on 2 cores)
+claims: data ## the seeds' proposals on seed 2's ConvVAE, measured: outputs/claims_5ep/CLAIMS.md (~1.5 h on 2 cores)
 	$(BIN)/vae-claims data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
