@@ -60,6 +60,8 @@ def test_bad_hvae_settings_are_refused_naming_the_key():
         HVAE(layers=3)
     with pytest.raises(ConfigError, match=r"hidden_dims needs one width per layer \(2\)"):
         HVAE(hidden_dims=[200])
+    with pytest.raises(ConfigError, match=r"hidden_dims must be a non-empty list of integers"):
+        HVAE(hidden_dims=[200, 0])
     with pytest.raises(ConfigError, match=r"kl\.free_bits needs per-dimension KLs in closed form"):
         HVAE(kl={"name": "constant", "free_bits": 0.5})
 

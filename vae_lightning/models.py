@@ -66,13 +66,14 @@ def _shape(key: str, value: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _channels(value: Any) -> list[int]:
+def _channels(value: Any, key: str = "channels") -> list[int]:
+    """A non-empty list of positive integers (layer widths), or a ConfigError naming ``key``."""
     try:
         channels = [int(c) for c in value]
     except (TypeError, ValueError):
-        raise ConfigError("channels", f"must be a list of integers, got {value!r}") from None
+        raise ConfigError(key, f"must be a list of integers, got {value!r}") from None
     if not channels or min(channels) < 1:
-        raise ConfigError("channels", f"must be a non-empty list of integers >= 1: {channels}")
+        raise ConfigError(key, f"must be a non-empty list of integers >= 1: {channels}")
     return channels
 
 
@@ -648,7 +649,7 @@ class HVAE(Autoencoder):
         if hp["layers"] > 2:
             raise ConfigError("layers", f"must be 1 or 2, got {hp['layers']}")
         hp["inner_dim"] = check_int("inner_dim", hp["inner_dim"], 1)
-        hp["hidden_dims"] = _channels(hp["hidden_dims"])  # positive integers
+        hp["hidden_dims"] = _channels(hp["hidden_dims"], "hidden_dims")
         if len(hp["hidden_dims"]) < hp["layers"]:
             raise ConfigError(
                 "hidden_dims", f"needs one width per layer ({hp['layers']}): {hp['hidden_dims']}"
