@@ -229,7 +229,8 @@ class Samples(_Visual):
     """Decoded samples from the same fixed noise every time, so epochs can be compared.
 
     A VAE decodes z ~ N(0, I); the AE decodes z from a Gaussian fitted to its training codes,
-    and its tag says so (``images/samples_ae_fitted_gaussian``).
+    a VQ-VAE code maps from its prior (uniform until vae-prior fits one), and the tag says which
+    (``model.sample_kind``: ``images/samples_ae_fitted_gaussian``, ``samples_uniform_codes``).
     """
 
     def __init__(self, output_dir: str | Path, n: int = 64, nrow: int = 8, **kwargs: Any) -> None:
@@ -239,7 +240,7 @@ class Samples(_Visual):
     @override
     def _make(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        kind = "prior" if getattr(pl_module, "variational", False) else "ae_fitted_gaussian"
+        kind = getattr(pl_module, "sample_kind", "prior")
         return {f"images/samples_{kind}": views.sample_grid(pl_module, self.n, self.nrow, g)}
 
 

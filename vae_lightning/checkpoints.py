@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.files import atomic_write
 
-MODEL_CLASSES = ("VAE", "AE", "ConvVAE", "CVAE", "HVAE")
+MODEL_CLASSES = ("VAE", "AE", "ConvVAE", "CVAE", "HVAE", "VQVAE")
 # the classes whose weights carry the same names as another's (a CVAE is an MLP or a conv VAE
 # with wider inputs): _weights_class names the other
 LOOKS_LIKE = {"CVAE": ("VAE", "ConvVAE")}
@@ -146,6 +146,8 @@ def _weights_class(state_dict: dict[str, Any]) -> str | None:
     keys = set(state_dict)
     if {"code_mean", "code_cov"} <= keys:  # the AE's Gaussian fitted to its training codes
         return "AE"
+    if any(key.startswith("quantizer.") for key in keys):
+        return "VQVAE"
     if "encoder.q1.net.1.weight" in keys:
         return "HVAE"
     if any(key.startswith("encoder.conv.") for key in keys):

@@ -299,6 +299,35 @@ def mean_terms(
     }
 
 
+@torch.no_grad()
+def codebook_use(
+    model: Autoencoder, x: torch.Tensor, batch_size: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A VQ-VAE's use of its codebook over the whole test set (its training logs the same keys
+    per batch): ``test/usage``, the share of the K codes that some test image's code map uses,
+    and ``test/perplexity``, exp of the entropy of the codes' frequencies (K when all are used
+    equally); the record holds the counts and the prior that ``test/loss`` bounds with."""
+    device = next(model.parameters()).device
+    k = model.hparams.codebook_size
+    counts = torch.zeros(k, dtype=torch.long)
+    for lo, hi in _batches(len(x), batch_size):
+        counts += torch.bincount(model.codes(x[lo:hi].to(device)).flatten().cpu(), minlength=k)
+    p = counts.double() / counts.sum()
+    perplexity = float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+    usage = float((counts > 0).double().mean())
+    log.info(
+        "codebook: %d of %d codes used, perplexity %.1f", int((counts > 0).sum()), k, perplexity
+    )
+    fitted = bool(model.prior_fitted)
+    return {"test/perplexity": perplexity, "test/usage": usage}, {
+        "codebook_size": k,
+        "counts": counts.tolist(),
+        "prior": "PixelCNN fitted by vae-prior" if fitted else "uniform (vae-prior not run)",
+        # the posterior is a point mass on the code map z*: log p(x) >= log p(z*) + log p(x|z*)
+        "bounds": "-log p(x) <= -log p(z*) - log p(x | z*) = test/loss (test/kl = -log p(z*))",
+    }
+
+
 def nll_iw(
     subject: Subject,
     x: torch.Tensor,
@@ -394,7 +423,7 @@ def frechet_distances(
     if labels is not None:
         metrics["gen/cond_acc"] = classifier_accuracy(classifier, fake, labels)
         log.info("gen/cond_acc: %.4f", metrics["gen/cond_acc"])
-    fake_z = "" if model.variational else " of z from the Gaussian fitted to the AE's codes"
+    fake_z = _sampled_from(model)
     return metrics, {
         "n": n,
         "real": "test images (grey)",
@@ -406,6 +435,18 @@ def frechet_distances(
         "independent": _independent_judge(model, fid_classifier.seed),
         "feature_dim": classifier.feature_dim,
     }
+
+
+def _sampled_from(model: Any) -> str:
+    """What a model's samples are decoded from, for eval.json's fid record."""
+    if model.variational:
+        return ""
+    if not hasattr(model, "prior_fitted"):
+        return " of z from the Gaussian fitted to the AE's codes"
+    if bool(model.prior_fitted):
+        return " of code maps from the PixelCNN prior"
+    log.warning("this VQ-VAE's prior is uniform: vae-prior fits the PixelCNN its samples need")
+    return " of uniformly drawn code maps (vae-prior not run)"
 
 
 def _independent_judge(model: Any, classifier_seed: int) -> bool:
@@ -528,6 +569,9 @@ def evaluate(
     metrics.update(found)
     if latent is not None:  # a VAE
         result["latent"] = latent
+    if subject.name == "VQVAE":
+        found, result["codebook"] = codebook_use(subject.model, x, batch_size)
+        metrics.update(found)
     if subject.model.variational and k > 0:
         negative_elbo = metrics["test/recon"] + metrics["test/kl"]
         found, result["nll_iw"] = nll_iw(subject, x, k, chunk, negative_elbo, y)

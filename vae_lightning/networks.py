@@ -157,3 +157,79 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc(z)).view(-1, *self.start)  # (B, 128, 3, 3)
         return self.deconv(h)  # (B, 1, 28, 28) logits
+
+
+class VQEncoder(nn.Module):
+    """(B, C, 28, 28) -> (B, code_dim, 7, 7): the VQ-VAE's encoder. Seed 2's k4 s2 p1
+    convolutions stopped at 7x7 (channels (32, 64)), a k3 convolution, and a 1x1 projection to
+    the code vectors (van den Oord et al. 2017 use residual blocks here; two plain layers do on
+    28x28 images)."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], code_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            c_in = c
+        layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.ReLU(), nn.Conv2d(c_in, code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VQDecoder(nn.Module):
+    """(B, code_dim, 7, 7) -> logits (B, C, 28, 28): the VQ-VAE's encoder mirrored."""
+
+    def __init__(self, code_dim: int, channels: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        rev = list(channels)[::-1]  # (64, 32)
+        layers: list[nn.Module] = [nn.Conv2d(code_dim, rev[0], 3, 1, 1), nn.ReLU()]
+        for i, (c_in, c_out) in enumerate(zip(rev, [*rev[1:], out_channels], strict=True)):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+            if i < len(rev) - 1:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only the positions above, and left of, its centre in raster
+    order (van den Oord et al. 2016, PixelCNN): mask "A" hides the centre too (the first layer,
+    which must not see the value it predicts), "B" lets it through (the layers after)."""
+
+    def __init__(self, mask: str, c_in: int, c_out: int, kernel_size: int) -> None:
+        super().__init__(c_in, c_out, kernel_size, padding=kernel_size // 2)
+        k = kernel_size // 2
+        keep = torch.ones_like(self.weight)  # (c_out, c_in, k, k)
+        keep[:, :, k, k + (mask == "B") :] = 0  # the centre's right (and the centre for "A")
+        keep[:, :, k + 1 :] = 0  # the rows below
+        self.register_buffer("keep", keep, persistent=False)  # rebuilt, never loaded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.keep, self.bias)
+
+
+class PixelCNN(nn.Module):
+    """An autoregressive prior over a map of code indices (B, H, W) -> logits (B, K, H, W):
+    p(z) = prod_i p(z_i | z_<i) in raster order. An embedding of the K codes, a 7x7 type-A
+    masked convolution, ``layers`` residual 3x3 type-B ones, and a 1x1 head. The plain
+    PixelCNN's blind spot (a few positions up-right of the receptive field) is accepted on a
+    7x7 map, where the first layer already sees the three rows above."""
+
+    def __init__(self, num_codes: int, channels: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(num_codes, channels)
+        self.first = MaskedConv2d("A", channels, channels, 7)
+        self.blocks = nn.ModuleList(MaskedConv2d("B", channels, channels, 3) for _ in range(layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU())
+        self.out = nn.Conv2d(channels, num_codes, 1)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        h = self.first(self.embed(codes).permute(0, 3, 1, 2))  # (B, C, H, W)
+        for block in self.blocks:
+            h = h + block(torch.relu(h))
+        return self.out(self.head(h))  # (B, K, H, W)

@@ -62,6 +62,8 @@ SUMMARY_COLUMNS = (
     "probe/logreg_acc",
     "probe/knn_acc",
     "val/active_units",
+    "test/usage",  # a VQ-VAE's share of codes used, and their perplexity (per test batch)
+    "test/perplexity",
     "time/fit_s",
     "error",
 )
