@@ -16,7 +16,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims bench test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims zoo bench test test-fast lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,9 @@ reproduce-quick: data ## the same pipeline with 2 epochs per model, into outputs
 
 claims: data ## the seeds' proposals on seed 2's ConvVAE, measured: outputs/claims_5ep/CLAIMS.md (~1.5 h on 2 cores)
 	$(BIN)/vae-claims data_dir=$(abspath $(DATA_DIR)) $(ARGS)
+
+zoo: data ## every model (CVAE, HVAE, deeper ConvVAE, VQ-VAE) beside the seeds': outputs/zoo_4ep/ZOO.md (<1 h on 2 cores)
+	$(BIN)/vae-zoo data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
 	$(BIN)/vae-bench data_dir=$(abspath $(DATA_DIR)) $(ARGS)

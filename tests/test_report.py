@@ -192,6 +192,8 @@ def test_summary_csv_rows_and_values(sweep: Path) -> None:
         "probe/logreg_acc": "0.75",
         "probe/knn_acc": "0.875",
         "val/active_units": "7.0",
+        "test/usage": "",  # a VQ-VAE's
+        "test/perplexity": "",
         "time/fit_s": "12.3",
         "error": "",
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,12 @@ def run_all(
     plan: dict[str, tuple[list[str], int]],
     extra: list[str],
     eval_kwargs: dict[str, Any],
+    stage_two: Callable[[str, Path], Path] | None = None,
 ) -> Results:
     """Train and evaluate every run of ``plan`` (name -> (overrides, epochs)) in ``out/<name>``,
-    skipping the training of runs already finished there and the evaluations already done."""
+    skipping the training of runs already finished there and the evaluations already done.
+    ``stage_two(name, last.ckpt)``: the checkpoint to evaluate (a VQ-VAE's with its prior
+    fitted); default: last.ckpt."""
     from vae_lightning.evaluate import evaluate
 
     results = {}
@@ -150,6 +154,8 @@ def run_all(
         # the test loss here (val_on_test, as in the seeds): evaluating it on the test set would
         # report a test-selected figure.
         ckpt = (folder / "checkpoints" / "last.ckpt").resolve()
+        if stage_two is not None:
+            ckpt = stage_two(name, ckpt).resolve()
         evaluation = _finished_eval(folder / "eval.json", ckpt, eval_kwargs)
         if evaluation is None:
             log.info("reproduce: evaluating %s", ckpt)
