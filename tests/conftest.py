@@ -46,14 +46,31 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def feature_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def feature_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Path:
     """Synthetic data whose default Fashion-MNIST and MNIST classifiers are cached, for the
     feature-matching loss (16 epochs: 0.99 and 0.94 test accuracy on these images, above the
-    0.8 floor; vae-evaluate's default 4 stay below it here)."""
+    0.8 floor; vae-evaluate's default 4 stay below it here).
+
+    Made once per test session and shared by pytest-xdist's workers (a minute of training
+    each on 2 cores otherwise): the first worker builds it under a file lock in the session's
+    folder, the others wait and read it. The tests that use it only read it (a classifier of
+    another seed would be cached beside, under its own name)."""
+    from filelock import FileLock
+
     from vae_lightning.evaluate import prepare_classifiers
 
-    root = write_synthetic(tmp_path_factory.mktemp("feature_data"))
-    prepare_classifiers(root, classifier_epochs=16, verify=False, device="cpu")
+    worker = getattr(request.config, "workerinput", None)  # set in an xdist worker only
+    if worker is None:
+        root = tmp_path_factory.mktemp("feature_data")
+    else:  # <session>/popen-gw<N>/ is each worker's base: the session's folder is its parent
+        root = tmp_path_factory.getbasetemp().parent / "feature_data"
+    with FileLock(f"{root}.lock"):
+        if not (root / "ready").is_file():
+            write_synthetic(root)
+            prepare_classifiers(root, classifier_epochs=16, verify=False, device="cpu")
+            (root / "ready").touch()
     return root
 
 

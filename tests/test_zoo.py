@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tests.conftest import SMALL, run_tool
 from vae_lightning.report import fmt, pct
@@ -57,7 +58,12 @@ def test_the_zoo_trains_fits_the_prior_evaluates_and_tabulates(feature_data_dir,
 
     # rerun: nothing is trained, fitted or evaluated again
     files = [out / n / f for n in ("cvae", "vq_vae") for f in ("eval.json", "metrics.json")]
-    files.append(out / "vq_vae" / "checkpoints" / "prior.ckpt")
-    stamps = [f.stat().st_mtime for f in files]
+    prior = out / "vq_vae" / "checkpoints" / "prior.ckpt"
+    stamps = [f.stat().st_mtime for f in [*files, prior]]
     assert main(args) == 0
-    assert stamps == [f.stat().st_mtime for f in files]
+    assert stamps == [f.stat().st_mtime for f in [*files, prior]]
+    # another prior length fits the prior again, and evaluates it again; the runs stay
+    assert main([a.replace("prior_epochs=1", "prior_epochs=2") for a in args]) == 0
+    assert torch.load(prior, weights_only=True)["vae_lightning"]["prior"]["epochs"] == 2
+    assert (out / "vq_vae" / "eval.json").stat().st_mtime > stamps[2]
+    assert [f.stat().st_mtime for f in files[:2]] == stamps[:2]  # the CVAE's untouched

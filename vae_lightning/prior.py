@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,10 @@ def fit_prior(
         enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     t0 = time.perf_counter()
-    trainer.fit(fit, datamodule=subject.dm)
+    with warnings.catch_warnings():
+        # the frozen encoder, decoder and codebook are in eval mode on purpose (PriorFit.train)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        trainer.fit(fit, datamodule=subject.dm)
     model = subject.model.cpu()
     model.prior_fitted.fill_(True)
     record = {
