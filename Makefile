@@ -57,7 +57,7 @@ reproduce-quick: data ## the same pipeline with 2 epochs per model, into outputs
 claims: data ## the seeds' proposals on seed 2's ConvVAE, measured: outputs/claims_5ep/CLAIMS.md (~1.5 h on 2 cores)
 	$(BIN)/vae-claims data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
-zoo: data ## every model (CVAE, HVAE, deeper ConvVAE, VQ-VAE) beside the seeds': outputs/zoo_4ep/ZOO.md (<1 h on 2 cores)
+zoo: data ## every model (CVAE, HVAE, deeper ConvVAE, VQ-VAE) beside the seeds': outputs/zoo_4ep/ZOO.md (~57 min on 2 cores)
 	$(BIN)/vae-zoo data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
