@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError, check_float, check_int
+from vae_lightning.errors import check_float, check_int, check_names
 from vae_lightning.files import atomic_write_text
 from vae_lightning.report import fmt, md_row, pct
 from vae_lightning.reproduce import Result, Results, run_all
@@ -248,14 +248,7 @@ def check(cfg: DictConfig) -> tuple[dict[str, Variant], dict[str, tuple[list[str
     free_bits = check_float("free_bits", cfg.free_bits, 0.0, inclusive=False)
     weight = check_float("feature_loss_weight", cfg.feature_loss_weight, 0.0, inclusive=False)
     study = variants(epochs, free_bits, weight)
-    names = [cfg.variants] if isinstance(cfg.variants, str) else list(cfg.variants or [])
-    unknown = [n for n in names if n not in study]
-    if unknown or not names:
-        raise ConfigError(
-            "variants",
-            f"names unknown run(s) {', '.join(map(str, unknown)) or '(none given)'}; "
-            f"choose among {', '.join(study)}",
-        )
+    names = check_names("variants", cfg.variants, study)
     plan = {
         n: ([*BASE, *study[n].overrides], long_epochs if study[n].long else epochs) for n in names
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -64,6 +65,20 @@ def check_float(key: str, value: object, minimum: float, inclusive: bool = True)
         bound = f">= {minimum}" if inclusive else f"> {minimum}"
         raise ConfigError(key, f"must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def check_names(key: str, value: object, allowed: Iterable[str]) -> list[str]:
+    """A non-empty list of names (or one name) among ``allowed``: a study's runs."""
+    allowed = list(allowed)
+    names = [value] if isinstance(value, str) else list(value or [])  # type: ignore[call-overload]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ConfigError(
+            key,
+            f"names unknown run(s) {', '.join(map(str, unknown)) or '(none given)'}; "
+            f"choose among {', '.join(allowed)}",
+        )
+    return names
 
 
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from vae_lightning import config
-from vae_lightning.errors import ConfigError, check_int
+from vae_lightning.errors import check_int, check_names
 from vae_lightning.files import atomic_write_text
 from vae_lightning.report import fmt, md_row, pct
 from vae_lightning.reproduce import Result, Results, run_all
@@ -162,14 +162,7 @@ def render(results: Results, epochs: int, prior_epochs: int, k: int) -> str:
 def check(cfg: DictConfig) -> dict[str, tuple[list[str], int]]:
     """run_all's plan for the chosen runs; a ConfigError naming the key before any run."""
     epochs = check_int("epochs", cfg.epochs, 1)
-    names = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs or [])
-    unknown = [n for n in names if n not in ENTRIES]
-    if unknown or not names:
-        raise ConfigError(
-            "runs",
-            f"names unknown run(s) {', '.join(map(str, unknown)) or '(none given)'}; "
-            f"choose among {', '.join(ENTRIES)}",
-        )
+    names = check_names("runs", cfg.runs, ENTRIES)
     return {n: (list(ENTRIES[n].overrides), epochs) for n in names}
 
 
