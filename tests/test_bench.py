@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import run_here
 from vae_lightning import bench
 from vae_lightning.bench import main
 
@@ -93,7 +93,7 @@ def test_bench_refuses_bad_values(tmp_path: Path, capsys, arg: str, message: str
 def test_vae_bench_cli_checks_before_timing(tmp_path: Path, arg: str, message: str) -> None:
     """The real vae-bench: one line, exit 2, before the sgemm peak (its first timing)."""
     out = tmp_path / "bench.json"
-    result = run_tool("vae-bench", f"out={out}", arg.format(tmp=tmp_path), timeout=60)
+    result = run_here("vae-bench", f"out={out}", arg.format(tmp=tmp_path))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message.format(tmp=tmp_path)}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL, run_tool, write_synthetic
+from tests.conftest import SMALL, run_here, write_synthetic
 from vae_lightning.claims import Claim, judge, main, spread
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
@@ -59,7 +59,7 @@ def test_a_difference_counts_only_beyond_the_seed_to_seed_spread():
     ],
 )
 def test_bad_settings_are_one_line_before_any_run(tmp_path, arg, message):
-    done = run_tool("vae-claims", arg, f"out={tmp_path / 'claims'}")
+    done = run_here("vae-claims", arg, f"out={tmp_path / 'claims'}")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(message)
@@ -106,5 +106,5 @@ def test_the_study_trains_evaluates_and_reports_every_variant(tmp_path):
     stamps = {n: (out / n / "eval.json").stat().st_mtime for n in names}
     assert main(args) == 0
     assert stamps == {n: (out / n / "eval.json").stat().st_mtime for n in names}
-    done = run_tool("vae-claims", *[a.replace("epochs=1", "epochs=3") for a in args])
+    done = run_here("vae-claims", *[a.replace("epochs=1", "epochs=3") for a in args])
     assert done.returncode == 2 and "error: out " in done.stderr and "not 3" in done.stderr

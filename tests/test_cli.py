@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import SMALL, run_cli, start_together
+from tests.conftest import SMALL, run_cli, run_here, start_together
 from vae_lightning.models import VAE
 
 
@@ -97,7 +97,8 @@ def test_checkpoint_reloads_and_reproduces_the_test_loss(cli_run, data_dir):
 )
 def test_bad_value_is_one_clear_line_before_training(data_dir, tmp_path, override, message):
     out = tmp_path / "run"
-    result = run_cli(*SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", override)
+    result = run_here("vae-train", *SMALL, f"paths.data_dir={data_dir}", f"hydra.run.dir={out}",
+                      override)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert "Traceback" not in result.stderr
@@ -106,14 +107,15 @@ def test_bad_value_is_one_clear_line_before_training(data_dir, tmp_path, overrid
 
 
 def test_unknown_model_name_lists_the_choices(tmp_path):
-    result = run_cli("model=vea", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_here("vae-train", "model=vea", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "model/vea" in result.stderr
     assert "ae" in result.stderr and "conv_vae" in result.stderr
 
 
 def test_missing_data_says_what_was_tried_and_what_to_run(tmp_path):
-    result = run_cli(
+    result = run_here(
+        "vae-train",
         f"paths.data_dir={tmp_path / 'nothing'}",
         "data.download=false",
         f"hydra.run.dir={tmp_path / 'run'}",

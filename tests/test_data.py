@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import N_TEST, N_TRAIN, run_tool, synthetic_images
+from tests.conftest import N_TEST, N_TRAIN, run_here, synthetic_images
 from vae_lightning import sources
 from vae_lightning.data import (
     FashionMNISTDataModule,
@@ -398,7 +398,7 @@ def test_vae_data_cli_refuses_unknown_names_and_reports_missing_files(tmp_path, 
 def test_vae_data_cli_refuses_a_data_dir_that_is_no_folder(tmp_path, value, message):
     file = tmp_path / "notes.txt"
     file.write_text("not a folder")
-    result = run_tool("vae-data", f"data_dir={value.format(file=file)}")
+    result = run_here("vae-data", f"data_dir={value.format(file=file)}")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message.format(file=file)}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -8,8 +8,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from tests.conftest import small_overrides, synthetic_images, write_synthetic
+from tests.conftest import run_here, small_overrides, synthetic_images, write_synthetic
 from vae_lightning import fid
 from vae_lightning.checkpoints import load_model, model_class
 from vae_lightning.config import compose
@@ -628,17 +626,12 @@ def test_never_instantiates_targets_from_the_run_config(tmp_path, vae_run):
     assert not marker.exists()
 
 
-# --- the real command line in a subprocess: one line, exit 2, nothing written --------------------
+# --- the real command line: one line, exit 2, nothing written --------------------
 
 
 def run_evaluate(*args: str) -> str:
-    """``vae-evaluate`` in a subprocess that must fail as a user error: its one error line."""
-    result = subprocess.run(
-        [sys.executable, "-m", "vae_lightning.evaluate", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``vae-evaluate``'s entry point that must fail as a user error: its one error line."""
+    result = run_here("vae-evaluate", *args)
     err = result.stderr
     assert result.returncode == 2, (result.returncode, err[-3000:])
     # the last line is the error; any before it are the tool's own INFO log lines
@@ -662,7 +655,7 @@ def cached_classifier(tmp_path) -> tuple[Path, bytes]:
     return data, (data / "classifiers" / "mnist.pt").read_bytes()
 
 
-@pytest.mark.slow  # four runs of the command line, each importing torch and Lightning
+@pytest.mark.slow  # a classifier trained three times
 def test_cli_never_replaces_the_cached_classifier_unasked(vae_run, cached_classifier):
     data, cached = cached_classifier
     weights = data / "classifiers" / "mnist.pt"

@@ -1,7 +1,8 @@
 """The training CLI used as a careless or hostile user would: every misuse gives one line and a
 non-zero exit, a finished run's folder stays byte-for-byte as it was, a folder being written is
 refused to a second writer, signals stop the run at any point, and a sweep's exit status says
-whether its jobs failed. Through the real CLI in subprocesses."""
+whether its jobs failed. Through the real CLI: its entry point in this process where the command
+stops early (``run_here``), a process of its own for runs, signals and concurrent writers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, SMALL, run_cli
+from tests.conftest import REPO_ROOT, SMALL, run_cli, run_here
 
 QUIET = [*SMALL, "logger=none"]
 
@@ -73,14 +74,14 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
 def test_a_finished_run_is_never_changed(finished_run, data_dir, extra, fragments):
     before = snapshot(finished_run)
     args = [arg.format(run=finished_run) for arg in extra]
-    one_line_error(run_cli(*small(data_dir, "callbacks=minimal", *args)), *fragments)
+    one_line_error(run_here("vae-train", *small(data_dir, "callbacks=minimal", *args)), *fragments)
     assert snapshot(finished_run) == before
 
 
 def test_resume_true_skips_a_finished_run_without_touching_it(finished_run, data_dir):
     before = snapshot(finished_run)
-    result = run_cli(*small(data_dir, "callbacks=minimal", "trainer.max_epochs=2",
-                            f"hydra.run.dir={finished_run}", "resume=true"))  # fmt: skip
+    result = run_here("vae-train", *small(data_dir, "callbacks=minimal", "trainer.max_epochs=2",
+                      f"hydra.run.dir={finished_run}", "resume=true"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert snapshot(finished_run) == before
 
@@ -105,8 +106,8 @@ def test_resume_true_skips_a_finished_run_without_touching_it(finished_run, data
 )
 def test_user_errors_are_one_line(data_dir, tmp_path, extra, fragments):
     out = tmp_path / "run"
-    one_line_error(run_cli(*small(data_dir, "callbacks=minimal", f"hydra.run.dir={out}", *extra)),
-                   *fragments)  # fmt: skip
+    args = small(data_dir, "callbacks=minimal", f"hydra.run.dir={out}", *extra)
+    one_line_error(run_here("vae-train", *args), *fragments)
     assert not (out / "checkpoints" / "last.ckpt").exists()
 
 
@@ -122,7 +123,8 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(data_dir, tmp_path,
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = locked / "run"
-    line = one_line_error(run_cli(*small(data_dir, f"hydra.run.dir={target}")), "hydra.run.dir")
+    line = one_line_error(run_here("vae-train", *small(data_dir, f"hydra.run.dir={target}")),
+                          "hydra.run.dir")  # fmt: skip
     assert str(target) in line
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import run_here
 from vae_lightning import report
 from vae_lightning.report import SUMMARY_COLUMNS, collect_runs, main, metric_grid, write_report
 
@@ -354,7 +354,7 @@ def test_vae_report_cli_refuses_paths_that_are_not_folders(
     file = tmp_path / "notes.txt"
     file.write_text("keep me")
     values = {"sweep": sweep, "file": file, "tmp": tmp_path}
-    result = run_tool("vae-report", *(a.format(**values) for a in args))
+    result = run_here("vae-report", *(a.format(**values) for a in args))
     assert result.returncode == 2
     assert result.stderr == f"error: {message.format(**values)}\n"
     assert "Traceback" not in result.stderr

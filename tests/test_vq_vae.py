@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_cli, run_tool
+from tests.conftest import SMALL, run_cli, run_here, run_tool
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE, VQVAE
 from vae_lightning.networks import PixelCNN
@@ -109,10 +109,10 @@ def test_debug_fast_runs_the_vq_vae_on_each_dataset(data_dir, tmp_path, data):
 def test_vae_prior_refuses_another_model_and_a_missing_checkpoint(tmp_path):
     ckpt = tmp_path / "vae.ckpt"
     torch.save({"state_dict": VAE().state_dict(), "vae_lightning": {"model_class": "VAE"}}, ckpt)
-    done = run_tool("vae-prior", f"ckpt={ckpt}")
+    done = run_here("vae-prior", f"ckpt={ckpt}")
     assert done.returncode == 2
     assert "ckpt holds a VAE; vae-prior fits the code prior of a VQ-VAE" in done.stderr
-    done = run_tool("vae-prior")
+    done = run_here("vae-prior")
     assert done.returncode == 2 and "ckpt is required" in done.stderr
 
 
@@ -141,5 +141,5 @@ def test_both_stages_train_and_reload(feature_data_dir, tmp_path):
     record = torch.load(fitted, weights_only=True)["vae_lightning"]["prior"]
     assert record["prior/val_nll"] < 49 * math.log(32)  # better than the uniform prior
     assert (out / "prior").is_dir()  # its TensorBoard logs
-    again = run_tool("vae-prior", f"ckpt={last}")
+    again = run_here("vae-prior", f"ckpt={last}")
     assert again.returncode == 2 and "overwrite=true" in again.stderr

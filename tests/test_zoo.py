@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_tool
+from tests.conftest import SMALL, run_here
 from vae_lightning.report import fmt, pct
 from vae_lightning.zoo import main
 
@@ -22,7 +22,7 @@ from vae_lightning.zoo import main
     ],
 )
 def test_bad_settings_are_one_line_before_any_run(tmp_path, arg, message):
-    done = run_tool("vae-zoo", arg, f"out={tmp_path / 'zoo'}")
+    done = run_here("vae-zoo", arg, f"out={tmp_path / 'zoo'}")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(message)
