@@ -17,7 +17,14 @@ from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import REPO_ROOT, run_cli, run_tool, small_overrides
 from vae_lightning.config import compose
-from vae_lightning.fused_group import FusedGroup, group_key, loops_state, why_not_fused
+from vae_lightning.fused_group import (
+    FusedGroup,
+    group_key,
+    loops_state,
+    spread_stacks,
+    stack_devices,
+    why_not_fused,
+)
 from vae_lightning.train import train
 
 # a small, fast grid on the synthetic data: 8 training batches of 64 per epoch
@@ -27,6 +34,8 @@ GRID = [
     "model.hidden_dim=32", "callbacks.latent_probe.max_train=200", "callbacks=default",
     "trainer.log_every_n_steps=4", "model.latent_dim=2,4", "model.beta=4",
 ]  # fmt: skip
+# the fused launcher's grid: GRID's 2 jobs and 2 more, as two stacks in two processes at once
+FUSED = ["hydra/launcher=fused", "model.beta=1,4", "hydra.launcher.n_jobs=2"]
 
 
 def history(folder: Path) -> list[dict[str, float]]:
@@ -65,11 +74,12 @@ def sweep(data_dir: Path, out: Path, *args: str, status: int = 0) -> subprocess.
 
 @pytest.fixture(scope="module")
 def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
-    """The same grid (2 jobs: latent_dim 2 and 4) through the basic and the fused launcher."""
+    """GRID (2 jobs: latent_dim 2 and 4 at beta 4) through the basic launcher, and GRID with
+    beta 1 too (4 jobs) through the fused launcher, its two stacks in two processes."""
     root = tmp_path_factory.mktemp("fused")
     out = {"basic": root / "basic", "fused": root / "fused"}
     sweep(data_dir, out["basic"])
-    result = sweep(data_dir, out["fused"], "hydra/launcher=fused")
+    result = sweep(data_dir, out["fused"], *FUSED)
     out["log"] = result.stdout + result.stderr
     return out
 
@@ -78,12 +88,14 @@ def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_a_fused_sweep_trains_one_stack_and_each_job_is_the_job_trained_alone(sweeps):
-    assert "fused launcher: 2 jobs; stacks of 2; 0 alone" in sweeps["log"]
+def test_a_fused_sweep_trains_its_stacks_at_once_and_each_job_is_the_job_trained_alone(sweeps):
+    assert "fused launcher: 4 jobs; stacks of 2, 2; 0 alone" in sweeps["log"]
+    assert "2 stacks trained on 2 devices at once" in sweeps["log"]
+    assert sweeps["log"].count("stack of 2 jobs trained in") == 2  # this process and another
     basic, fused = records(sweeps["basic"]), records(sweeps["fused"])
-    assert set(basic) == set(fused) and len(fused) == 2
+    assert set(basic) < set(fused) and len(basic) == 2 and len(fused) == 4
+    assert {r["status"] for r in fused.values()} == {"ok"}
     for name in basic:
-        assert fused[name]["status"] == "ok"
         assert fused[name]["fused"]["jobs"] == 2  # the group it trained in, and its timings
         assert fused[name]["time/fit_s"] >= fused[name]["fused"]["fit_share_s"] > 0
         (a,) = sweeps["basic"].glob(f"*_{name}")
@@ -100,13 +112,13 @@ def test_each_fused_job_folder_is_a_complete_run(sweeps):
     from vae_lightning.models import VAE
 
     out = sweeps["fused"]
-    for sweep_dir in (sweeps["basic"], out):  # the sweep's report: one table row per job
+    for sweep_dir, n in ((sweeps["basic"], 2), (out, 4)):  # the report: a table row per job
         report = (sweep_dir / "REPORT.md").read_text()
-        assert "2 runs: 2 ok" in report
-        assert sum(line.startswith("| `") for line in report.splitlines()) == 2
-        assert (sweep_dir / "summary.csv").read_text().count("\n") == 3
+        assert f"{n} runs: {n} ok" in report
+        assert sum(line.startswith("| `") for line in report.splitlines()) == n
+        assert (sweep_dir / "summary.csv").read_text().count("\n") == n + 1
         assert (sweep_dir / "heatmap_test_loss.png").is_file()
-    assert [json.loads(line)["status"] for line in open(out / "jobs.jsonl")] == ["ok"] * 2
+    assert [json.loads(line)["status"] for line in open(out / "jobs.jsonl")] == ["ok"] * 4
     for folder in (p for p in out.iterdir() if (p / "metrics.json").is_file()):
         record = json.loads((folder / "metrics.json").read_text())
         config = OmegaConf.load(folder / ".hydra" / "config.yaml")
@@ -142,13 +154,14 @@ def test_a_fused_jobs_checkpoint_evaluates_to_its_recorded_test_loss(sweeps):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir, tmp_path, sweeps):
+    """The signal reaches the stacks of both processes: every job is interrupted, and the
+    resume command finishes each (here alone: no job had trained yet)."""
     out = tmp_path / "sweep"
-    args = ["-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *GRID,
-            "hydra/launcher=fused"]  # fmt: skip
+    args = ["-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *GRID, *FUSED]
     proc = subprocess.Popen([sys.executable, "-m", "vae_lightning.train", *args], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    for line in proc.stdout:  # the stack is being built (its signal handler is in place)
-        if "stack 1 of 1" in line:
+    for line in proc.stdout:  # the stacks are about to start (the handler is in place)
+        if "stacks of 2 (#2, #3)" in line:
             proc.send_signal(signal.SIGTERM)
             break
     stderr = proc.communicate(timeout=120)[1]
@@ -156,11 +169,12 @@ def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir
     command = stderr.split("Resume the sweep with:\n", 1)[1].splitlines()[0].strip()
     assert "resume=true" in command and f"hydra.sweep.dir={out}" in command
     assert {r["status"] for r in records(out).values()} == {"interrupted"}
+    assert len(records(out)) == 4
     resumed = run_cli(*command.split()[3:])  # "python -m vae_lightning.train" left out
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "2 runs: 2 ok" in (out / "REPORT.md").read_text()
-    for folder in (p for p in out.iterdir() if (p / "metrics.json").is_file()):
-        (twin,) = sweeps["basic"].glob(f"*_{folder.name.split('_', 1)[1]}")
+    assert "4 runs: 4 ok" in (out / "REPORT.md").read_text()
+    for twin in (p for p in sweeps["basic"].iterdir() if (p / "metrics.json").is_file()):
+        (folder,) = out.glob(f"*_{twin.name.split('_', 1)[1]}")
         assert_same_run(twin, folder)
 
 
@@ -253,6 +267,30 @@ def test_on_a_gpu_machine_the_stack_waits_for_hydra_launcher_gpu(monkeypatch, tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg.trainer.accelerator = "cuda"
     assert "no CUDA GPU is here" in why_not_fused(cfg, gpu=True)
+
+
+def test_stacks_spread_over_every_device_a_group_cut_to_give_each_one_work():
+    # the 20-job grid on 2 CPU shares: two stacks of 10
+    assert spread_stacks([list(range(20))], [1.0] * 20, 2) == [[list(range(10))],
+                                                              [list(range(10, 20))]]  # fmt: skip
+    # on 8 GPUs: 8 stacks of 2 or 3 jobs, one per GPU, every job once
+    slots = spread_stacks([list(range(20))], [1.0] * 20, 8)
+    assert [len(slot) for slot in slots] == [1] * 8
+    assert sorted(len(slot[0]) for slot in slots) == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert sorted(i for slot in slots for i in slot[0]) == list(range(20))
+    # no stack below 2 jobs: 3 jobs stay one stack, the second device idle
+    assert spread_stacks([[0, 1, 2]], [1.0] * 3, 2) == [[[0, 1, 2]], []]
+    # whole groups by their work (epochs): the heaviest first, to the least loaded device
+    groups, weights = [[0, 1], [2, 3], [4, 5]], [5.0, 5.0, 1.0, 1.0, 1.0, 1.0]
+    assert spread_stacks(groups, weights, 2) == [[[0, 1]], [[2, 3], [4, 5]]]
+    assert spread_stacks(groups, weights, 1) == [[[0, 1], [2, 3], [4, 5]]]
+
+
+def test_stacks_train_on_every_gpu_or_on_shares_of_the_cpu():
+    assert stack_devices(True, 4, 16) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert stack_devices(True, 1, 16) == ["cuda:0"]
+    assert stack_devices(False, 4, 2) == ["cpu", "cpu"]
+    assert stack_devices(False, 0, 1) == ["cpu"]
 
 
 def test_the_stacks_checkpoint_loop_state_is_lightnings(data_dir, tmp_path):

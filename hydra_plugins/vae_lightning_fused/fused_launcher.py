@@ -39,12 +39,14 @@ class FusedLauncherConf:
     _target_: str = "hydra_plugins.vae_lightning_fused.fused_launcher.FusedLauncher"
     # the most jobs trained as one stack (null: a whole group); smaller stacks use less memory
     max_group: int | None = None
-    # processes that then finish the jobs (each one's last batch, end of fit, test), and run the
-    # jobs that train alone: -1 one per core, 1 in this process. Each gets cores / n_jobs torch
-    # threads (train.py's thread policy), as under the joblib launcher
+    # processes on the CPU: the stacks train in up to n_jobs processes at once (a group cut
+    # in as many stacks), then the jobs finish in n_jobs processes (each one's last batch, end
+    # of fit, test), with the jobs that train alone: -1 one per core, 1 in this process. Each
+    # gets cores / n_jobs torch threads (train.py's thread policy), as under joblib
     n_jobs: int = -1
     # true: stacks may train on a CUDA GPU. Off until the stack has run on one: on a machine
-    # with a GPU its jobs run alone meanwhile (the log says so)
+    # with a GPU its jobs run alone meanwhile (the log says so). With several GPUs, the stacks
+    # train on all of them at once (one process each), and the jobs finish on all of them
     gpu: bool = False
 
 
@@ -89,14 +91,26 @@ class FusedLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        from vae_lightning.fused_group import spread_stacks
+
         jobs = [self._load(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
         groups, alone = self._plan(jobs)
-        sizes = ", ".join(str(len(g)) for g in groups) or "none"
+        devices = self._devices(jobs, groups)
+        weights = [float(job.task.trainer.max_epochs) for job in jobs]
+        slots = [(d, slot) for d, slot in zip(devices, spread_stacks(groups, weights, len(devices)),
+                                              strict=True) if slot]  # fmt: skip
+        stacks = [stack for _, slot in slots for stack in slot]
+        sizes = ", ".join(str(len(st)) for st in stacks) or "none"
         log.info("fused launcher: %d jobs; stacks of %s; %d alone", len(jobs), sizes, len(alone))
+        if len(slots) > 1:
+            self._train_at_once(jobs, slots)
+        for n, stack in enumerate(stacks if len(slots) == 1 else [], 1):
+            self._train_stack([jobs[i] for i in stack], f"stack {n} of {len(stacks)}")
         returns: dict[int, JobReturn] = {}
-        for n, group in enumerate(groups, 1):
-            self._train_stack([jobs[i] for i in group], f"stack {n} of {len(groups)}")
-            returns.update(zip(group, self._run([jobs[i] for i in group], True), strict=True))
+        trained = sorted(i for stack in stacks for i in stack)
+        spread = len(slots) > 1 and slots[0][0].startswith("cuda")  # their ends on every GPU too
+        returns.update(zip(trained, self._run([jobs[i] for i in trained], True, spread),
+                           strict=True))  # fmt: skip
         returns.update(zip(alone, self._run([jobs[i] for i in alone], False), strict=True))
         return [returns[i] for i in range(len(jobs))]
 
@@ -145,6 +159,18 @@ class FusedLauncher(Launcher):
                     log.info("job #%d runs alone: no other job to stack it with", num)
                     alone.extend(chunk)
         return groups, sorted(alone)
+
+    def _devices(self, jobs: list[_Job], groups: list[list[int]]) -> list[str]:
+        """Where the stacks train at the same time: every GPU when they all train on CUDA, else
+        ``n_jobs`` shares of the CPU (stacks on both: one after another, each on its own)."""
+        import torch
+
+        from vae_lightning.fused_group import stack_device, stack_devices
+
+        kinds = {stack_device(jobs[g[0]].task.trainer).type for g in groups}
+        if kinds == {"cuda"}:
+            return stack_devices(True, torch.cuda.device_count(), 1)
+        return stack_devices(False, 0, self.n_jobs if kinds == {"cpu"} else 1)
 
     @staticmethod
     def _why_alone(job: _Job) -> str | None:
@@ -210,6 +236,81 @@ class FusedLauncher(Launcher):
         log.info("stack of %d jobs trained in %.1f s; each job finishes alone now", len(group),
                  time.perf_counter() - t0)  # fmt: skip
 
+    def _train_at_once(self, jobs: list[_Job], slots: list[tuple[str, list[list[int]]]]) -> None:
+        """Every device's stacks at once: the first device's in this process, each other's in a
+        process of its own (spawned: CUDA cannot be forked), each with its share of the cores.
+        A signal is passed on to them and stops the sweep as it does with one device; a stack
+        that fails leaves its jobs to run alone, as in ``_train_stack``."""
+        import multiprocessing
+
+        from vae_lightning import config
+        from vae_lightning.errors import RunInterrupted
+        from vae_lightning.run_folder import claim_folder
+
+        t0 = time.perf_counter()
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        procs: list[Any] = []
+        received: list[int] = []
+
+        def pass_on(signum: int) -> None:
+            for proc in procs:
+                if proc.is_alive():
+                    os.kill(proc.pid, signum)
+
+        def handler(signum: int, frame: Any) -> None:
+            received.append(signum)
+            pass_on(signum)
+
+        stacks = {(s, k): st for s, (_, slot) in enumerate(slots) for k, st in enumerate(slot)}
+        members = [jobs[i] for stack in stacks.values() for i in stack]
+        threads = members[0].task.get("threads") or max(1, _cores() // len(slots))
+        payloads = [[[(OmegaConf.to_container(jobs[i].task), str(jobs[i].output_dir))
+                      for i in stack] for stack in slot] for _, slot in slots]  # fmt: skip
+        outcomes: dict[tuple[int, int], tuple] = {}
+        with ExitStack() as held:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                held.callback(signal.signal, signum, signal.signal(signum, handler))
+            for job in members:  # one writer per folder, as train() claims its own
+                job.output_dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(claim_folder(job.output_dir, None))
+            for device, slot in slots:
+                nums = ", #".join(str(jobs[i].num) for st in slot for i in st)
+                log.info("%s: stacks of %s (#%s), %d torch threads", device,
+                         ", ".join(str(len(st)) for st in slot), nums, threads)  # fmt: skip
+            for s in range(1, len(slots)):
+                if not received:
+                    args = (s, payloads[s], slots[s][0], threads, results)
+                    proc = ctx.Process(target=_train_slot, args=args)
+                    proc.start()
+                    procs.append(proc)
+            config.route_lightning_logs()
+            config.set_torch_threads(threads)
+            _use_device(slots[0][0])
+            here = _train_stacks(0, payloads[0], slots[0][0], received)
+            outcomes.update({(0, k): outcome for k, outcome in enumerate(here)})
+            if received:  # a signal the stack here took (its own handler): the others stop too
+                pass_on(received[0])
+            outcomes.update(_collect(results, procs, len(stacks) - len(here)))
+            for proc in procs:
+                proc.join()
+        signals = [value for kind, value in outcomes.values() if kind == "interrupted"]
+        if received or signals:
+            self._interrupted(members, RunInterrupted((received or signals)[0], None, 0, 0))
+        for key, stack in stacks.items():
+            kind, value = outcomes.get(key, ("bug", "its process ended before it reported"))
+            if kind == "ok":
+                for i in value:
+                    log.warning("job #%d left the stack (non-finite loss): it goes on alone",
+                                jobs[stack[i]].num)  # fmt: skip
+            elif kind == "error":
+                log.error("stack not trained (%s); its jobs run alone", value)
+            else:
+                log.error("stack failed (a bug); its jobs run alone from their checkpoints:\n%s",
+                          value)  # fmt: skip
+        log.info("%d stacks trained on %d devices at once in %.1f s; each job finishes alone now",
+                 len(stacks), len(slots), time.perf_counter() - t0)  # fmt: skip
+
     def _interrupted(self, group: list[_Job], err: Any) -> None:
         from vae_lightning.run import RunRecord
 
@@ -233,10 +334,11 @@ class FusedLauncher(Launcher):
         return " ".join(["python -m vae_lightning.train -m", *keep, "resume=true",
                          f"hydra.sweep.dir={sweep_dir}"])  # fmt: skip
 
-    def _run(self, jobs: list[_Job], handed_over: bool) -> list[JobReturn]:
+    def _run(self, jobs: list[_Job], handed_over: bool, spread: bool = False) -> list[JobReturn]:
         """The jobs through Hydra's run_job, as the basic launcher runs them, or in ``n_jobs``
         processes as the joblib launcher does (its ``execute_job``); a job handed over by a
-        stack continues from its checkpoint (``resume=true``)."""
+        stack continues from its checkpoint (``resume=true``). ``spread``: each job on GPU
+        (its number mod the GPUs), as ``spread_gpus=true`` places them."""
         assert self.hydra_context is not None and self.task_function is not None
         assert self.config is not None
         runs = []
@@ -245,6 +347,9 @@ class FusedLauncher(Launcher):
             if handed_over:
                 overrides = [o for o in overrides if not o.startswith("resume=")]
                 overrides.append("resume=true")
+            if spread:
+                overrides = [o for o in overrides if not o.startswith("spread_gpus=")]
+                overrides.append("spread_gpus=true")
             log.info("\t#%d : %s", job.num, " ".join(filter_overrides(overrides)))
             runs.append((job.num, overrides))
         if self.n_jobs > 1 and len(runs) > 1:
@@ -278,6 +383,88 @@ class FusedLauncher(Launcher):
             )
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return results
+
+
+def _train_slot(slot: int, stacks: list, device: str, threads: int, results: Any) -> None:
+    """A spawned process of ``_train_at_once``: ``_train_stacks`` on ``device`` with
+    ``threads`` torch threads, each stack's outcome put on ``results`` as (slot, index, kind,
+    value)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # fmt: skip
+    received: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: received.append(signum))
+    from vae_lightning import config
+
+    config.quiet_known_warnings()
+    config.route_lightning_logs()
+    config.set_torch_threads(threads)
+    _use_device(device)
+    for k, outcome in enumerate(_train_stacks(slot, stacks, device, received)):
+        results.put((slot, k, *outcome))
+
+
+def _use_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))  # FusedGroup trains on the current GPU
+
+
+def _train_stacks(slot: int, stacks: list, device: str, received: list[int]) -> list[tuple]:
+    """``stacks`` (each a list of (resolved job config, run folder)) trained one after another;
+    each one's outcome: ok (the jobs it dropped), interrupted (the signal, also appended to
+    ``received``), error (a user error's text) or bug (its traceback). After a signal, the
+    stacks left are not started."""
+    import traceback
+
+    from vae_lightning.errors import USER_ERRORS, RunInterrupted
+    from vae_lightning.fused_group import FusedGroup
+
+    outcomes: list[tuple[str, Any]] = []
+    for stack in stacks:
+        t0 = time.perf_counter()
+        try:
+            if received:
+                raise RunInterrupted(received[0], None, 0, 0)
+            fused = FusedGroup([OmegaConf.create(cfg) for cfg, _ in stack],
+                               [Path(folder) for _, folder in stack])  # fmt: skip
+            fused.received = received[0] if received else None  # while it was being built
+            dropped = fused.run()
+            outcomes.append(("interrupted", received[0]) if received else ("ok", dropped))
+            log.info("%s: stack of %d jobs trained in %.1f s", device, len(stack),
+                     time.perf_counter() - t0)  # fmt: skip
+        except RunInterrupted as err:
+            if not received:
+                received.append(err.signum)
+            outcomes.append(("interrupted", err.signum))
+        except USER_ERRORS as err:
+            outcomes.append(("error", str(err)))
+        except Exception:
+            outcomes.append(("bug", traceback.format_exc()))
+    return outcomes
+
+
+def _collect(results: Any, procs: list[Any], expected: int) -> dict[tuple[int, int], tuple]:
+    """The stacks' outcomes from ``_train_slot``'s processes, until all are in or every
+    process has ended (one that died reports nothing: its stacks are missing here)."""
+    import queue
+
+    outcomes: dict[tuple[int, int], tuple] = {}
+    while len(outcomes) < expected:
+        try:
+            slot, k, kind, value = results.get(timeout=0.5)
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs):
+                try:
+                    while True:
+                        slot, k, kind, value = results.get_nowait()
+                        outcomes[(slot, k)] = (kind, value)
+                except queue.Empty:
+                    break
+            continue
+        outcomes[(slot, k)] = (kind, value)
+    return outcomes
 
 
 def _cores() -> int:
