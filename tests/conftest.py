@@ -155,10 +155,11 @@ def run_here(tool: str, *args: str) -> subprocess.CompletedProcess:
     status, stdout and stderr returned as ``run_cli``/``run_tool`` return them.
 
     The same code and the same output, without starting a Python that imports torch and
-    Lightning again (8 to 10 s a process on this project's 2-core CI machine). For commands
-    that stop early: refusals and checks. Whatever tests signals, several processes or a
-    whole run keeps a process of its own. The root logger's handlers (Hydra replaces them)
-    are put back afterwards."""
+    Lightning again (8 to 10 s a process on this project's 2-core CI machine). For refusals
+    and checks, and for runs whose test is what they write. What tests a process itself
+    (signals, concurrent writers, a multirun's launchers, the CLI's own start) keeps one of
+    its own (``run_cli``, ``run_tool``). The root logger's handlers (Hydra replaces them) are
+    put back afterwards."""
     (script,) = entry_points(group="console_scripts", name=tool)
     main = script.load()
     root = logging.getLogger()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_cli, run_tool
+from tests.conftest import SMALL, run_here
 from vae_lightning import views
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
@@ -70,8 +70,8 @@ def test_bad_cvae_settings_are_refused_naming_the_key():
 @pytest.mark.parametrize(("model", "data"), [("cvae", "mnist"), ("conv_cvae", "fashion_mnist")])
 def test_debug_fast_runs_each_cvae_on_each_dataset(data_dir, tmp_path, model, data):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   f"model={model}", f"data={data}", "debug=fast")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
+                    f"model={model}", f"data={data}", "debug=fast")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
 
@@ -82,8 +82,9 @@ def test_a_cvae_trains_writes_its_views_reloads_and_evaluates(
     feature_data_dir, tmp_path, model, data
 ):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={feature_data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   f"model={model}", f"data={data}", "trainer.max_epochs=3")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={feature_data_dir}",
+                    f"hydra.run.dir={out}", *SMALL, f"model={model}", f"data={data}",
+                    "trainer.max_epochs=3")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     history = (out / "history.csv").read_text().splitlines()
     header = history[0].split(",")
@@ -93,9 +94,8 @@ def test_a_cvae_trains_writes_its_views_reloads_and_evaluates(
         assert (out / "images" / f"images_{view}_epoch003.png").is_file(), view
     model_ = CVAE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu")
     assert model_.hparams.arch == ("mlp" if model == "cvae" else "conv")
-    done = run_tool("vae-evaluate", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "k=4",
-                    "n_fid=100", "classifier_epochs=16", "probes=true", "device=cpu",
-                    timeout=300)  # fmt: skip
+    done = run_here("vae-evaluate", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "k=4",
+                    "n_fid=100", "classifier_epochs=16", "probes=true", "device=cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     evaluation = json.loads((out / "eval.json").read_text())
     metrics = evaluation["metrics"]

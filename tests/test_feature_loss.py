@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SMALL, run_cli, run_tool, write_synthetic
+from tests.conftest import SMALL, run_here, write_synthetic
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.fid import FeatureClassifier, classifier_path
@@ -80,7 +80,7 @@ def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_j
 ):
     feature_data = feature_data_dir
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_here("vae-train",
         f"paths.data_dir={feature_data}", f"hydra.run.dir={out}", *SMALL,
         "experiment=seed2_convvae_fashion", "trainer.max_epochs=2", "callbacks=minimal",
         "model.feature_loss_weight=0.5",
@@ -111,7 +111,7 @@ def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_j
     ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
     figures = {}
     for seed in (0, 1):
-        done = run_tool(
+        done = run_here(
             "vae-evaluate", ckpt, f"data_dir={feature_data}", "k=2", "n_fid=128",
             "classifier_epochs=16", f"classifier_seed={seed}", "device=cpu", timeout=300,
         )  # fmt: skip
@@ -127,8 +127,8 @@ def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_j
 def test_a_classifier_too_weak_for_the_feature_loss_is_one_line_before_training(tmp_path):
     data = write_synthetic(tmp_path / "data")  # no classifier cached: 4 epochs reach 0.65 here
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={data}", f"hydra.run.dir={out}", *SMALL,
-                   "data=fashion_mnist", "model.feature_loss_weight=0.5",
+    done = run_here("vae-train", f"paths.data_dir={data}", f"hydra.run.dir={out}", *SMALL,
+                    "data=fashion_mnist", "model.feature_loss_weight=0.5",
                    "callbacks=minimal")  # fmt: skip
     assert done.returncode == 2
     line = done.stderr.strip()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import REPO_ROOT, run_cli, run_tool, small_overrides
+from tests.conftest import REPO_ROOT, run_cli, run_here, small_overrides
 from vae_lightning.config import compose
 from vae_lightning.fused_group import (
     FusedGroup,
@@ -143,7 +143,7 @@ def test_a_fused_jobs_checkpoint_evaluates_to_its_recorded_test_loss(sweeps):
                   if r["hparams"]["latent_dim"] == 4)  # fmt: skip
     folder = Path(record["output_dir"])
     data_dir = OmegaConf.load(folder / ".hydra" / "config.yaml").paths.data_dir
-    result = run_tool("vae-evaluate", f"ckpt='{record['best_checkpoint']}'",
+    result = run_here("vae-evaluate", f"ckpt='{record['best_checkpoint']}'",
                       f"data_dir={data_dir}", "k=1", "n_fid=0", "verify=false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads((folder / "eval.json").read_text())

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_cli, run_tool
+from tests.conftest import SMALL, run_here
 from vae_lightning.errors import ConfigError
 from vae_lightning.losses import gaussian_kl
 from vae_lightning.metrics import iwae_bound
@@ -69,8 +69,8 @@ def test_bad_hvae_settings_are_refused_naming_the_key():
 @pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
 def test_debug_fast_runs_the_hvae_on_each_dataset(data_dir, tmp_path, data):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   "model=hvae", f"data={data}", "debug=fast")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
+                    "model=hvae", f"data={data}", "debug=fast")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
 
@@ -78,9 +78,9 @@ def test_debug_fast_runs_the_hvae_on_each_dataset(data_dir, tmp_path, data):
 @pytest.mark.slow
 def test_the_burda_experiment_trains_at_its_rates_reloads_and_evaluates(feature_data_dir, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={feature_data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   "experiment=hvae_burda_mnist", "model.scheduler.stages=2",
-                   "trainer.max_epochs=4")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={feature_data_dir}",
+                    f"hydra.run.dir={out}", *SMALL, "experiment=hvae_burda_mnist",
+                    "model.scheduler.stages=2", "trainer.max_epochs=4")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (out / "history.csv").read_text().splitlines()
     header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
@@ -92,8 +92,8 @@ def test_the_burda_experiment_trains_at_its_rates_reloads_and_evaluates(feature_
         assert (out / "images" / f"images_{view}_epoch004.png").is_file(), view
     model = HVAE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu")
     assert model.hparams.layers == 2 and model.hparams.scheduler["name"] == "burda"
-    done = run_tool("vae-evaluate", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "k=20",
-                    "n_fid=100", "classifier_epochs=16", "device=cpu", timeout=300)  # fmt: skip
+    done = run_here("vae-evaluate", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "k=20",
+                    "n_fid=100", "classifier_epochs=16", "device=cpu")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     assert metrics["test/nll_iw"] < metrics["test/loss"]

@@ -153,7 +153,7 @@ def test_a_second_writer_of_a_folder_is_refused(data_dir, tmp_path):
     try:
         _wait_for(out / "history.csv", first)
         for extra in ([f"hydra.run.dir={out}"], [f"resume={out}"]):
-            second = run_cli(*small(data_dir, "callbacks=minimal", *extra))
+            second = run_here("vae-train", *small(data_dir, "callbacks=minimal", *extra))
             one_line_error(second, str(out), "being written by another run")
         assert first.poll() is None  # the first goes on undisturbed
     finally:
@@ -182,10 +182,8 @@ main()
 """
 
 
-def _run_probed(args: list[str], signame: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if signame:
-        env["SIGNAL_IN_PROBE"] = signame
+def _run_probed(args: list[str], signame: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SIGNAL_IN_PROBE": signame}
     return subprocess.run(
         [sys.executable, "-c", PROBE_SIGNALLER, *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -195,7 +193,7 @@ def _run_probed(args: list[str], signame: str | None) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("probe") / "whole"
-    result = _run_probed(small(data_dir, "trainer.max_epochs=2", f"hydra.run.dir={out}"), None)
+    result = run_here("vae-train", *small(data_dir, "trainer.max_epochs=2", f"hydra.run.dir={out}"))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
 
@@ -214,7 +212,7 @@ def test_a_signal_during_the_probe_stops_at_once_and_the_resume_matches(
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "interrupted"
 
-    resumed = _run_probed([*args, f"resume={out}"], None)
+    resumed = run_here("vae-train", *args, f"resume={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "ok" and record["epochs"] == 2

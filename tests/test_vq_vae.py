@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_cli, run_here, run_tool
+from tests.conftest import SMALL, run_here
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE, VQVAE
 from vae_lightning.networks import PixelCNN
@@ -98,8 +98,8 @@ def test_bad_vq_settings_are_refused_naming_the_key():
 @pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
 def test_debug_fast_runs_the_vq_vae_on_each_dataset(data_dir, tmp_path, data):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   "model=vq_vae", f"data={data}", "debug=fast")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
+                    "model=vq_vae", f"data={data}", "debug=fast")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "ok"
@@ -119,9 +119,9 @@ def test_vae_prior_refuses_another_model_and_a_missing_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_both_stages_train_and_reload(feature_data_dir, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(f"paths.data_dir={feature_data_dir}", f"hydra.run.dir={out}", *SMALL,
-                   "model=vq_vae", "model.codebook_size=32", "trainer.max_epochs=3",
-                   "callbacks.latent_probe.max_train=200")  # fmt: skip
+    done = run_here("vae-train", f"paths.data_dir={feature_data_dir}",
+                    f"hydra.run.dir={out}", *SMALL, "model=vq_vae", "model.codebook_size=32",
+                    "trainer.max_epochs=3", "callbacks.latent_probe.max_train=200")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (out / "history.csv").read_text().splitlines()
     header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
@@ -133,7 +133,7 @@ def test_both_stages_train_and_reload(feature_data_dir, tmp_path):
     model = VQVAE.load_from_checkpoint(last, map_location="cpu")
     assert model.hparams.codebook_size == 32 and not bool(model.prior_fitted)
 
-    done = run_tool("vae-prior", f"ckpt={last}", "epochs=3", "accelerator=cpu", timeout=300)
+    done = run_here("vae-prior", f"ckpt={last}", "epochs=3", "accelerator=cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     fitted = out / "checkpoints" / "prior.ckpt"
     model = VQVAE.load_from_checkpoint(fitted, map_location="cpu")

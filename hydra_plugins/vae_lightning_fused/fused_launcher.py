@@ -96,7 +96,9 @@ class FusedLauncher(Launcher):
         jobs = [self._load(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
         groups, alone = self._plan(jobs)
         devices = self._devices(jobs, groups)
-        weights = [float(job.task.trainer.max_epochs) for job in jobs]
+        # each job's work, for sharing the stacks out (a job that runs alone may have any value)
+        epochs = [job.task.get("trainer", {}).get("max_epochs") for job in jobs]
+        weights = [float(e) if isinstance(e, int) and e > 0 else 1.0 for e in epochs]
         slots = [(d, slot) for d, slot in zip(devices, spread_stacks(groups, weights, len(devices)),
                                               strict=True) if slot]  # fmt: skip
         stacks = [stack for _, slot in slots for stack in slot]
