@@ -113,7 +113,7 @@ def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_j
     for seed in (0, 1):
         done = run_here(
             "vae-evaluate", ckpt, f"data_dir={feature_data}", "k=2", "n_fid=128",
-            "classifier_epochs=16", f"classifier_seed={seed}", "device=cpu", timeout=300,
+            "classifier_epochs=16", f"classifier_seed={seed}", "device=cpu",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         fid = json.loads((out / "eval.json").read_text())["fid"]
