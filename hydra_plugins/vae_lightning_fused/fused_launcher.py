@@ -194,49 +194,34 @@ class FusedLauncher(Launcher):
 
     # --- running -------------------------------------------------------------------------------
     def _train_stack(self, group: list[_Job], name: str) -> None:
-        """Train the group's epochs as one stack; on a failure its jobs go on alone (from what
-        their folders hold), on a signal the sweep stops with the command that resumes it."""
+        """Train the group's epochs as one stack in this process, with every core; on a failure
+        its jobs go on alone (from what their folders hold), on a signal the sweep stops with
+        the command that resumes it."""
         from vae_lightning import config
-        from vae_lightning.errors import USER_ERRORS, RunInterrupted
-        from vae_lightning.fused_group import FusedGroup
+        from vae_lightning.errors import RunInterrupted
         from vae_lightning.run_folder import claim_folder
 
-        t0 = time.perf_counter()
         received: list[int] = []  # a signal before the stack's own handler is in place
 
         def handler(signum: int, frame: Any) -> None:
             received.append(signum)
 
-        try:
-            with ExitStack() as held:
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    held.callback(signal.signal, signum, signal.signal(signum, handler))
-                log.info("%s: %d jobs (#%s)", name, len(group),
-                         ", #".join(str(j.num) for j in group))  # fmt: skip
-                for job in group:  # one writer per folder, as train() claims its own
-                    job.output_dir.mkdir(parents=True, exist_ok=True)
-                    held.enter_context(claim_folder(job.output_dir, None))
-                config.route_lightning_logs()
-                # the stack has the machine to itself: every core (its jobs' processes later
-                # divide them)
-                config.set_torch_threads(group[0].task.get("threads") or _cores())
-                fused = FusedGroup([j.task for j in group], [j.output_dir for j in group])
-                fused.received = received[0] if received else None
-                dropped = fused.run()
-                if received:  # after the stack's last step
-                    raise RunInterrupted(received[0], None, 0, 0)
-        except RunInterrupted as err:
-            self._interrupted(group, err)
-        except USER_ERRORS as err:
-            log.error("stack not trained (%s); its jobs run alone", err)
-            return
-        except Exception:
-            log.exception("stack failed (a bug); its jobs run alone from their checkpoints")
-            return
-        for i in dropped:
-            log.warning("job #%d left the stack (non-finite loss): it goes on alone", group[i].num)
-        log.info("stack of %d jobs trained in %.1f s; each job finishes alone now", len(group),
-                 time.perf_counter() - t0)  # fmt: skip
+        with ExitStack() as held:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                held.callback(signal.signal, signum, signal.signal(signum, handler))
+            log.info("%s: %d jobs (#%s)", name, len(group), ", #".join(str(j.num) for j in group))
+            for job in group:  # one writer per folder, as train() claims its own
+                job.output_dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(claim_folder(job.output_dir, None))
+            config.route_lightning_logs()
+            # the stack has the machine to itself: every core (its jobs' processes later
+            # divide them)
+            config.set_torch_threads(group[0].task.get("threads") or _cores())
+            payload = [(OmegaConf.to_container(j.task), str(j.output_dir)) for j in group]
+            (outcome,) = _train_stacks([payload], name, received)
+        if outcome[0] == "interrupted":
+            self._interrupted(group, RunInterrupted(outcome[1], None, 0, 0))
+        _log_outcome(outcome, group)
 
     def _train_at_once(self, jobs: list[_Job], slots: list[tuple[str, list[list[int]]]]) -> None:
         """Every device's stacks at once: the first device's in this process, each other's in a
@@ -289,7 +274,7 @@ class FusedLauncher(Launcher):
             config.route_lightning_logs()
             config.set_torch_threads(threads)
             _use_device(slots[0][0])
-            here = _train_stacks(0, payloads[0], slots[0][0], received)
+            here = _train_stacks(payloads[0], slots[0][0], received)
             outcomes.update({(0, k): outcome for k, outcome in enumerate(here)})
             if received:  # a signal the stack here took (its own handler): the others stop too
                 pass_on(received[0])
@@ -300,16 +285,8 @@ class FusedLauncher(Launcher):
         if received or signals:
             self._interrupted(members, RunInterrupted((received or signals)[0], None, 0, 0))
         for key, stack in stacks.items():
-            kind, value = outcomes.get(key, ("bug", "its process ended before it reported"))
-            if kind == "ok":
-                for i in value:
-                    log.warning("job #%d left the stack (non-finite loss): it goes on alone",
-                                jobs[stack[i]].num)  # fmt: skip
-            elif kind == "error":
-                log.error("stack not trained (%s); its jobs run alone", value)
-            else:
-                log.error("stack failed (a bug); its jobs run alone from their checkpoints:\n%s",
-                          value)  # fmt: skip
+            _log_outcome(outcomes.get(key, ("bug", "its process ended before it reported")),
+                         [jobs[i] for i in stack])  # fmt: skip
         log.info("%d stacks trained on %d devices at once in %.1f s; each job finishes alone now",
                  len(stacks), len(slots), time.perf_counter() - t0)  # fmt: skip
 
@@ -402,7 +379,7 @@ def _train_slot(slot: int, stacks: list, device: str, threads: int, results: Any
     config.route_lightning_logs()
     config.set_torch_threads(threads)
     _use_device(device)
-    for k, outcome in enumerate(_train_stacks(slot, stacks, device, received)):
+    for k, outcome in enumerate(_train_stacks(stacks, device, received)):
         results.put((slot, k, *outcome))
 
 
@@ -413,8 +390,9 @@ def _use_device(device: str) -> None:
         torch.cuda.set_device(torch.device(device))  # FusedGroup trains on the current GPU
 
 
-def _train_stacks(slot: int, stacks: list, device: str, received: list[int]) -> list[tuple]:
-    """``stacks`` (each a list of (resolved job config, run folder)) trained one after another;
+def _train_stacks(stacks: list, where: str, received: list[int]) -> list[tuple]:
+    """``stacks`` (each a list of (resolved job config, run folder)) trained one after another
+    (``where``: for the log);
     each one's outcome: ok (the jobs it dropped), interrupted (the signal, also appended to
     ``received``), error (a user error's text) or bug (its traceback). After a signal, the
     stacks left are not started."""
@@ -434,7 +412,7 @@ def _train_stacks(slot: int, stacks: list, device: str, received: list[int]) -> 
             fused.received = received[0] if received else None  # while it was being built
             dropped = fused.run()
             outcomes.append(("interrupted", received[0]) if received else ("ok", dropped))
-            log.info("%s: stack of %d jobs trained in %.1f s", device, len(stack),
+            log.info("%s: stack of %d jobs trained in %.1f s", where, len(stack),
                      time.perf_counter() - t0)  # fmt: skip
         except RunInterrupted as err:
             if not received:
@@ -445,6 +423,19 @@ def _train_stacks(slot: int, stacks: list, device: str, received: list[int]) -> 
         except Exception:
             outcomes.append(("bug", traceback.format_exc()))
     return outcomes
+
+
+def _log_outcome(outcome: tuple[str, Any], stack: list[_Job]) -> None:
+    """What becomes of a stack's jobs after ``_train_stacks``' outcome: all go on to their end
+    of fit; those a failure left untrained, or the stack dropped, go on alone."""
+    kind, value = outcome
+    if kind == "ok":
+        for i in value:
+            log.warning("job #%d left the stack (non-finite loss): it goes on alone", stack[i].num)
+    elif kind == "error":
+        log.error("stack not trained (%s); its jobs run alone", value)
+    elif kind == "bug":
+        log.error("stack failed (a bug); its jobs run alone from their checkpoints:\n%s", value)
 
 
 def _collect(results: Any, procs: list[Any], expected: int) -> dict[tuple[int, int], tuple]:
