@@ -104,8 +104,8 @@ def stack_device(trainer: DictConfig) -> torch.device:
 def stack_devices(on_cuda: bool, n_gpus: int, n_processes: int) -> list[str]:
     """The devices on which a sweep's stacks train at the same time, one process each: every
     GPU when the stacks train on CUDA (the first one only when there is one), else
-    ``n_processes`` shares of the CPU (two 1-thread stacks of 10 seed-1 VAEs took 20.1 ms a
-    job-step each on 2 cores, one 2-thread stack of 20 12.5 ms: 1.24x for the two)."""
+    ``n_processes`` shares of the CPU (on 2 cores a 1-thread stack of 10 seed-1 VAEs took 20.1
+    ms a job-step, a 2-thread stack of 20 12.5 ms: two 1-thread stacks do 1.24x the work)."""
     if on_cuda:
         return [f"cuda:{i}" for i in range(max(1, n_gpus))]
     return ["cpu"] * max(1, n_processes)
