@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from vae_lightning.config import REPO_ROOT, compose
+from vae_lightning.config import REPO_ROOT, compose, cores
 from vae_lightning.sources import DATASETS, idx_bytes
 
 N_TRAIN, N_TEST = 640, 256
@@ -30,8 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ones (61 s against 5.4 s; 3.4 s for one 2-thread training alone)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, (cores or 1) // int(workers))
+        threads = max(1, cores() // int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the processes the tests start
         torch.set_num_threads(threads)
 

@@ -116,6 +116,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_torch_threads(threads: int | None) -> None:
     """``threads`` when set; else, under a parallel launcher, the cores divided among its jobs."""
     import torch
@@ -124,11 +129,10 @@ def set_torch_threads(threads: int | None) -> None:
     if threads is None and HydraConfig.initialized():
         launcher = HydraConfig.get().launcher
         n_jobs, cpus = launcher.get("n_jobs"), launcher.get("cpus_per_task")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if cpus:
             threads = int(cpus)
         elif n_jobs:
-            threads = max(1, (cores or 1) // (int(n_jobs) if n_jobs > 0 else cores or 1))
+            threads = max(1, cores() // (int(n_jobs) if n_jobs > 0 else cores()))
     if threads:
         torch.set_num_threads(int(threads))
         log.info("torch threads: %d", torch.get_num_threads())

@@ -74,7 +74,9 @@ class FusedLauncher(Launcher):
             _refuse(f"hydra.launcher.gpu must be true or false, got {gpu!r}")
         self.max_group = None if max_group is None else int(max_group)
         self.gpu = gpu
-        self.n_jobs = _cores() if n_jobs == -1 else n_jobs
+        from vae_lightning.config import cores
+
+        self.n_jobs = cores() if n_jobs == -1 else n_jobs
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -106,8 +108,9 @@ class FusedLauncher(Launcher):
         log.info("fused launcher: %d jobs; stacks of %s; %d alone", len(jobs), sizes, len(alone))
         if len(slots) > 1:
             self._train_at_once(jobs, slots)
-        for n, stack in enumerate(stacks if len(slots) == 1 else [], 1):
-            self._train_stack([jobs[i] for i in stack], f"stack {n} of {len(stacks)}")
+        else:
+            for n, stack in enumerate(stacks, 1):
+                self._train_stack([jobs[i] for i in stack], f"stack {n} of {len(stacks)}")
         returns: dict[int, JobReturn] = {}
         trained = sorted(i for stack in stacks for i in stack)
         spread = len(slots) > 1 and slots[0][0].startswith("cuda")  # their ends on every GPU too
@@ -216,7 +219,7 @@ class FusedLauncher(Launcher):
             config.route_lightning_logs()
             # the stack has the machine to itself: every core (its jobs' processes later
             # divide them)
-            config.set_torch_threads(group[0].task.get("threads") or _cores())
+            config.set_torch_threads(group[0].task.get("threads") or config.cores())
             payload = [(OmegaConf.to_container(j.task), str(j.output_dir)) for j in group]
             (outcome,) = _train_stacks([payload], name, received)
         if outcome[0] == "interrupted":
@@ -251,7 +254,7 @@ class FusedLauncher(Launcher):
 
         stacks = {(s, k): st for s, (_, slot) in enumerate(slots) for k, st in enumerate(slot)}
         members = [jobs[i] for stack in stacks.values() for i in stack]
-        threads = members[0].task.get("threads") or max(1, _cores() // len(slots))
+        threads = members[0].task.get("threads") or max(1, config.cores() // len(slots))
         payloads = [[[(OmegaConf.to_container(jobs[i].task), str(jobs[i].output_dir))
                       for i in stack] for stack in slot] for _, slot in slots]  # fmt: skip
         outcomes: dict[tuple[int, int], tuple] = {}
@@ -458,10 +461,6 @@ def _collect(results: Any, procs: list[Any], expected: int) -> dict[tuple[int, i
             continue
         outcomes[(slot, k)] = (kind, value)
     return outcomes
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _refuse(message: str) -> None:
