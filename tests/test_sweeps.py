@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, start_together
+from tests.conftest import run_cli, run_here, start_together
 
 SMALL = [
     "data.verify=false",
@@ -20,8 +20,11 @@ def job_records(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
-def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
-    result = run_cli(
+def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0, process: bool = False):
+    """A multirun of debug=fast jobs; ``process``: in a process of its own (another launcher,
+    DDP), else in this one (the basic launcher runs its jobs in the process that called it)."""
+    run = run_cli if process else lambda *a: run_here("vae-train", *a)
+    result = run(
         "-m",
         "debug=fast",
         f"paths.data_dir={data_dir}",
@@ -40,7 +43,7 @@ def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
 def test_a_grid_sweep_through_each_launcher(data_dir, tmp_path, launcher, betas):
     out = tmp_path / "sweep"
     sweep(data_dir, out, "model.latent_dim=2,4", f"model.beta={','.join(map(str, betas))}",
-          f"hydra/launcher={launcher}")  # fmt: skip
+          f"hydra/launcher={launcher}", process=True)  # fmt: skip
     records = job_records(out)
     n = 2 * len(betas)
     assert len(records) == n
@@ -163,6 +166,7 @@ def test_a_multirun_of_ddp_jobs(data_dir, tmp_path):
         "trainer.devices=2",
         "model.latent_dim=2,3",
         "~callbacks.latent_probe",
+        process=True,
     )
     records = job_records(out)
     assert len(records) == 2 and all(r["status"] == "ok" for r in records.values())
