@@ -220,20 +220,6 @@ def test_a_signal_during_the_probe_stops_at_once_and_the_resume_matches(
     assert record["collapse"] == uninterrupted["collapse"]
 
 
-def test_a_sweep_whose_jobs_fail_exits_non_zero(data_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "-m", *small(data_dir, "callbacks=minimal", "trainer.max_epochs=1",
-                     "model.latent_dim=2,0", f"hydra.sweep.dir={sweep}"),
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr[-3000:]
-    line = [x for x in result.stderr.splitlines() if x.startswith("error:")][-1]
-    assert "1 of 2 jobs of this sweep failed" in line and "latent_dim" in line
-    jobs = [json.loads(x) for x in (sweep / "jobs.jsonl").read_text().splitlines()]
-    assert sorted(j["status"] for j in jobs) == ["failed", "ok"]
-    assert (sweep / "REPORT.md").is_file()  # the report is still written
-
-
 def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path):
     from omegaconf import OmegaConf
 

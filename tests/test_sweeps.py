@@ -72,6 +72,9 @@ def test_a_failing_job_is_recorded_and_the_others_run(data_dir, tmp_path):
     assert failed[0]["status"] == "failed"
     assert "model.latent_dim must be an integer >= 1, got 0" in failed[0]["error"]
     assert ok[0]["status"] == "ok"
+    jobs = [json.loads(x) for x in (out / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(j["status"] for j in jobs) == ["failed", "ok"]
+    assert "2 runs: 1 ok" in (out / "REPORT.md").read_text()  # the report is still written
 
 
 def test_a_resumed_sweep_reruns_only_unfinished_jobs(data_dir, tmp_path):
