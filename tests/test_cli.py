@@ -138,7 +138,8 @@ def test_runs_started_together_get_their_own_folders(data_dir, tmp_path):
 def test_one_real_epoch_of_seed1_vae(real_data_dir, tmp_path):
     """pytorch/examples' VAE reaches a test loss of about 127 nats after one MNIST epoch."""
     out = tmp_path / "run"
-    result = run_cli(
+    result = run_here(
+        "vae-train",
         "experiment=seed1_vae_mnist",
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
