@@ -108,13 +108,13 @@ def test_two_sweeps_started_together_get_their_own_folders(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_logs_exact_means_over_uneven_shards(data_dir, tmp_path):
-    """Two gloo processes, the default callbacks. 131 validation images on 2 ranks (66 + 65, in
-    batches of 32, 32, 2 and 32, 32, 1): the logged val/loss is the mean over the 131 images,
-    not a mean of the ranks' or batches' means. The AE is deterministic, so the checkpoint's
-    val loss can be recomputed in one process. (With 129 images, rank 0 has 3 batches and
-    rank 1 two, and the logged mean covers only the first two batches of each rank:
-    Lightning's DDP evaluation stops at the shorter shard.)"""
+def test_a_multirun_of_ddp_jobs_logs_exact_means_over_uneven_shards(data_dir, tmp_path):
+    """Each job of a multirun on two gloo processes, the default callbacks. 131 validation
+    images on 2 ranks (66 + 65, in batches of 32, 32, 2 and 32, 32, 1): the logged val/loss is
+    the mean over the 131 images, not a mean of the ranks' or batches' means. The AE is
+    deterministic, so the checkpoint's val loss can be recomputed in one process. (With 129
+    images, rank 0 has 3 batches and rank 1 two, and the logged mean covers only the first two
+    batches of each rank: Lightning's DDP evaluation stops at the shorter shard.)"""
     import torch
     from omegaconf import OmegaConf
 
@@ -122,60 +122,46 @@ def test_ddp_on_two_cpu_processes_logs_exact_means_over_uneven_shards(data_dir, 
     from vae_lightning.losses import recon_bce
     from vae_lightning.models import AE
 
-    out = tmp_path / "run"
+    out = tmp_path / "sweep"
     result = run_cli(
-        "trainer=ddp", "trainer.devices=2", "model=ae", "debug=limit",
-        "trainer.limit_train_batches=null", "trainer.limit_val_batches=1.0",
-        f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
+        "-m", "trainer=ddp", "trainer.devices=2", "model=ae", "model.latent_dim=2,3",
+        "debug=limit", "trainer.limit_train_batches=null", "trainer.limit_val_batches=1.0",
+        f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *SMALL,
         # after SMALL, whose val_size=128 would win (Hydra keeps the last of a key's overrides)
         "data.batch_size=64", "data.val_size=131", "data.eval_batch_size=32",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "metrics.json").read_text())
-    assert record["status"] == "ok"
-    assert OmegaConf.load(out / ".hydra" / "config.yaml").data.val_size == 131
-    # 509 training images, 2 ranks of 255 or fewer, batch 64: 4 steps per epoch, 2 epochs
-    assert [
-        int(line.split(",")[1]) for line in (out / "history.csv").read_text().splitlines()[1:]
-    ] == [4, 8]
-    log = (out / "train.log").read_text()
-    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
-
-    logged = record["metrics"]["val/loss"]
-    model = AE.load_from_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=True).eval()
     dm = MNISTDataModule(data_dir=str(data_dir), verify=False, val_size=131)
     dm.setup()
     x = dm.splits["val"][0].float() / 255
-    with torch.no_grad():
-        per_image = recon_bce(model.decoder(model.encoder(x)), x).double()  # (131,)
-    exact = per_image.mean().item()
-    ranks = (per_image[0::2].mean() + per_image[1::2].mean()).item() / 2  # a mean of means
-    batches = [per_image[r::2][i : i + 32].mean() for r in (0, 1) for i in (0, 32, 64)]
-    wrong = [ranks, torch.stack(batches).mean().item()]
-    # the images' losses are alike here (a spread of a few nats): the wrong means differ from
-    # the exact one by 1e-4 of it or less, the logged one by float rounding (1e-7 of it)
-    gap = min(abs(w - exact) for w in wrong)
-    assert gap > 1e-7 * exact
-    assert abs(logged - exact) < gap / 4, (logged, exact, wrong)
+    jobs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    assert len(jobs) == 2
+    # the second process, started for the first job, stays in its group for the next ones
+    log = (jobs[0] / "train.log").read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    for job in jobs:
+        record = json.loads((job / "metrics.json").read_text())
+        assert record["status"] == "ok"
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").data.val_size == 131
+        # 509 training images, 2 ranks of 255 or fewer, batch 64: 4 steps an epoch, 2 epochs
+        assert [
+            int(line.split(",")[1]) for line in (job / "history.csv").read_text().splitlines()[1:]
+        ] == [4, 8]
+        assert "[rank: 1] Seed set" in (job / "train.log").read_text()  # both ran every job
 
-
-@pytest.mark.slow
-def test_a_multirun_of_ddp_jobs(data_dir, tmp_path):
-    out = tmp_path / "sweep"
-    sweep(
-        data_dir,
-        out,
-        "trainer=ddp",
-        "trainer.devices=2",
-        "model.latent_dim=2,3",
-        "~callbacks.latent_probe",
-        process=True,
-    )
-    records = job_records(out)
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records.values())
-    for log in out.glob("*/train.log"):  # both processes ran every job
-        text = log.read_text()
-        assert "[rank: 1] Seed set" in text  # the second process ran this job too
+        logged = record["metrics"]["val/loss"]
+        model = AE.load_from_checkpoint(job / "checkpoints" / "last.ckpt", weights_only=True)
+        with torch.no_grad():
+            per_image = recon_bce(model.eval().decoder(model.encoder(x)), x).double()  # (131,)
+        exact = per_image.mean().item()
+        ranks = (per_image[0::2].mean() + per_image[1::2].mean()).item() / 2  # a mean of means
+        batches = [per_image[r::2][i : i + 32].mean() for r in (0, 1) for i in (0, 32, 64)]
+        wrong = [ranks, torch.stack(batches).mean().item()]
+        # the images' losses are alike here (a spread of a few nats): the wrong means differ
+        # from the exact one by 1e-4 of it or less, the logged one by rounding (1e-7 of it)
+        gap = min(abs(w - exact) for w in wrong)
+        assert gap > 1e-7 * exact
+        assert abs(logged - exact) < gap / 4, (job.name, logged, exact, wrong)
 
 
 @pytest.mark.slow
