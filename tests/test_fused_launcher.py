@@ -175,7 +175,7 @@ def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir
     assert "resume=true" in command and f"hydra.sweep.dir={out}" in command
     assert {r["status"] for r in records(out).values()} == {"interrupted"}
     assert len(records(out)) == 4
-    resumed = run_cli(*command.split()[3:])  # "python -m vae_lightning.train" left out
+    resumed = run_here("vae-train", *command.split()[3:])  # "python -m vae_lightning.train"
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "4 runs: 4 ok" in (out / "REPORT.md").read_text()
     for twin in (p for p in sweeps["basic"].iterdir() if (p / "metrics.json").is_file()):
