@@ -155,8 +155,9 @@ def run_here(tool: str, *args: str) -> subprocess.CompletedProcess:
 
     The same code and the same output, without starting a Python that imports torch and
     Lightning again (8 to 10 s a process on this project's 2-core CI machine). For refusals
-    and checks, and for runs whose test is what they write. What tests a process itself
-    (signals, concurrent writers, a multirun's launchers, the CLI's own start) keeps one of
+    and checks, for runs whose test is what they write, and for multiruns through the basic
+    launcher (it runs the jobs in its caller's process). What tests a process itself (signals,
+    concurrent writers, launchers that start processes, DDP, the CLI's own start) keeps one of
     its own (``run_cli``, ``run_tool``). The root logger's handlers (Hydra replaces them) are
     put back afterwards."""
     (script,) = entry_points(group="console_scripts", name=tool)
