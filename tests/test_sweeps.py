@@ -1,5 +1,6 @@
 """Sweeps: multiruns through each launcher, failing jobs, resume, DDP, folder uniqueness."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def job_records(sweep_dir: Path) -> dict[str, dict]:
 def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0, process: bool = False):
     """A multirun of debug=fast jobs; ``process``: in a process of its own (another launcher,
     DDP), else in this one (the basic launcher runs its jobs in the process that called it)."""
-    run = run_cli if process else lambda *a: run_here("vae-train", *a)
+    run = run_cli if process else functools.partial(run_here, "vae-train")
     result = run(
         "-m",
         "debug=fast",
