@@ -127,7 +127,7 @@ def test_sigterm_to_a_real_training_process_then_resume(data_dir, tmp_path):
     import sys
     import time
 
-    from tests.conftest import run_cli
+    from tests.conftest import run_here
 
     out = tmp_path / "run"
     args = [
@@ -156,7 +156,8 @@ def test_sigterm_to_a_real_training_process_then_resume(data_dir, tmp_path):
     assert record["status"] == "interrupted"
     done = len((out / "history.csv").read_text().splitlines()) - 1
     assert 1 <= done < 200
-    result = run_cli(*args, "trainer.max_epochs=" + str(done + 2), f"resume={out}")
+    # the resume is checked by what it writes: in this process
+    result = run_here("vae-train", *args, "trainer.max_epochs=" + str(done + 2), f"resume={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "ok" and record["epochs"] == done + 2
