@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, SMALL, run_cli, run_here
+from tests.conftest import REPO_ROOT, SMALL, run_here
 
 QUIET = [*SMALL, "logger=none"]
 
@@ -51,7 +51,7 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
     """A finished 2-epoch run (minimal callbacks), trained once for the module."""
     out = tmp_path_factory.mktemp("finished") / "run"
     args = small(data_dir, "callbacks=minimal", "trainer.max_epochs=2", f"hydra.run.dir={out}")
-    result = run_cli(*args)
+    result = run_here("vae-train", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
     return out
