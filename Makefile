@@ -63,7 +63,7 @@ zoo: data ## every model (CVAE, HVAE, deeper ConvVAE, VQ-VAE) beside the seeds':
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
 	$(BIN)/vae-bench data_dir=$(abspath $(DATA_DIR)) $(ARGS)
 
-test: install ## run the test suite (slow tests included; 11 minutes on 2 slow CPU cores)
+test: install ## run the test suite (slow tests included; 10 minutes on 2 slow CPU cores)
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without tests marked slow
