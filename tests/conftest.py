@@ -186,6 +186,15 @@ def run_here(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([tool, *args], code, out.getvalue(), err.getvalue())
 
 
+def run_multirun(*args: str) -> subprocess.CompletedProcess:
+    """``vae-train -m *args``: in this process under the basic launcher (it runs its jobs in
+    its caller's process), in a process of its own under any other (``hydra/launcher=...``),
+    as a user starts it."""
+    if any(a.startswith("hydra/launcher=") for a in args):
+        return run_cli("-m", *args)
+    return run_here("vae-train", "-m", *args)
+
+
 def start_together(*args: str, n: int = 2) -> None:
     """Start ``n`` identical CLI processes at once and check they all succeed."""
     cmd = [sys.executable, "-m", "vae_lightning.train", *args]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import REPO_ROOT, run_cli, run_here, small_overrides
+from tests.conftest import REPO_ROOT, run_here, run_multirun, small_overrides
 from vae_lightning.config import compose
 from vae_lightning.fused_group import (
     FusedGroup,
@@ -68,11 +67,7 @@ def assert_same_run(a: Path, b: Path, rel: float = 1e-4) -> None:
 
 
 def sweep(data_dir: Path, out: Path, *args: str, status: int = 0) -> subprocess.CompletedProcess:
-    """GRID's multirun: the basic launcher's in this process (it runs its jobs in the
-    caller's), the others' in a process of their own, as a user starts them."""
-    in_process = not any(a.startswith("hydra/launcher=") for a in args)
-    run = functools.partial(run_here, "vae-train") if in_process else run_cli
-    result = run("-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *GRID, *args)
+    result = run_multirun(f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *GRID, *args)
     assert result.returncode == status, result.stderr[-3000:]
     return result
 

@@ -1,12 +1,11 @@
 """Sweeps: multiruns through each launcher, failing jobs, resume, DDP, folder uniqueness."""
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, run_here, start_together
+from tests.conftest import run_cli, run_multirun, start_together
 
 SMALL = [
     "data.verify=false",
@@ -21,12 +20,10 @@ def job_records(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
 
 
-def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0, process: bool = False):
-    """A multirun of debug=fast jobs; ``process``: in a process of its own (another launcher,
-    DDP), else in this one (the basic launcher runs its jobs in the process that called it)."""
-    run = run_cli if process else functools.partial(run_here, "vae-train")
-    result = run(
-        "-m",
+def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
+    """A multirun of debug=fast jobs (``run_multirun``: in this process under the basic
+    launcher)."""
+    result = run_multirun(
         "debug=fast",
         f"paths.data_dir={data_dir}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -44,7 +41,7 @@ def sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0, process:
 def test_a_grid_sweep_through_each_launcher(data_dir, tmp_path, launcher, betas):
     out = tmp_path / "sweep"
     sweep(data_dir, out, "model.latent_dim=2,4", f"model.beta={','.join(map(str, betas))}",
-          f"hydra/launcher={launcher}", process=True)  # fmt: skip
+          f"hydra/launcher={launcher}")  # fmt: skip
     records = job_records(out)
     n = 2 * len(betas)
     assert len(records) == n
