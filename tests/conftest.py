@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from vae_lightning.config import REPO_ROOT, compose, cores
-from vae_lightning.sources import DATASETS, idx_bytes
+from vae_lightning.data.sources import DATASETS, idx_bytes
 
 N_TRAIN, N_TEST = 640, 256
 

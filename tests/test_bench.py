@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_here
-from vae_lightning import bench
-from vae_lightning.bench import main
+from vae_lightning.studies import bench
+from vae_lightning.studies.bench import main
 
 
 def test_bench_writes_consistent_timings(data_dir: Path, tmp_path: Path) -> None:

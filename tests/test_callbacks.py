@@ -8,11 +8,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vae_lightning import views
-from vae_lightning.callbacks import Interpolations, Reconstructions
 from vae_lightning.errors import ConfigError
-from vae_lightning.metrics import LatentMoments, active_units, fit_probes
+from vae_lightning.evaluation.metrics import LatentMoments, active_units
+from vae_lightning.evaluation.probes import fit_probes
+from vae_lightning.models import eval_mode
 from vae_lightning.train import train
+from vae_lightning.views import grids, publish
+from vae_lightning.views.images import Interpolations, Reconstructions
 
 IMAGE_TAGS = {
     "images/reconstructions",
@@ -186,10 +188,10 @@ def test_publish_writes_a_png_and_a_tensorboard_image_and_eval_mode_restores(tmp
 
     fig = Figure(figsize=(2, 1), dpi=100)
     fig.subplots().plot([0, 1], [1, 0])
-    grid = views.grid(torch.rand(6, 1, 28, 28), nrow=3)  # (3, 2 + 2 * 30, 2 + 3 * 30)
+    grid = grids.grid(torch.rand(6, 1, 28, 28), nrow=3)  # (3, 2 + 2 * 30, 2 + 3 * 30)
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        views.publish(fig, tmp_path / "fig.png", "t/fig", step=3, writers=[writer])
-        views.publish(grid, tmp_path / "grid.png", "t/grid", step=4, writers=[writer])
+        publish.publish(fig, tmp_path / "fig.png", "t/fig", step=3, writers=[writer])
+        publish.publish(grid, tmp_path / "grid.png", "t/grid", step=4, writers=[writer])
     assert Image.open(tmp_path / "fig.png").size == (200, 100)  # figsize x dpi
     png = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png").convert("RGB")))
     assert torch.equal(png.permute(2, 0, 1), (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8))
@@ -202,7 +204,7 @@ def test_publish_writes_a_png_and_a_tensorboard_image_and_eval_mode_restores(tmp
     assert (grid_event.step, grid_event.height, grid_event.width) == (4, 62, 92)
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
-    with pytest.raises(RuntimeError, match="inside"), views.eval_mode(model):
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(model):
         assert not model.training and not torch.is_grad_enabled()
         raise RuntimeError("inside")
     assert model.training and model[1].training and torch.is_grad_enabled()

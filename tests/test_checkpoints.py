@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_lightning.checkpoints import ADVICE, read, torch_reason
 from vae_lightning.errors import ConfigError, DataError
+from vae_lightning.run.checkpoints import ADVICE, read, torch_reason
 
 REAL = Path(__file__).parent / "fixtures" / "pre_redesign" / "vae.ckpt"
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, run_here
-from vae_lightning import views
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
-from vae_lightning.fused_group import why_not_fused
 from vae_lightning.models import CVAE
+from vae_lightning.sweeps.fused import why_not_fused
+from vae_lightning.views import grids
 
 
 @pytest.fixture(params=["mlp", "conv"])
@@ -32,7 +32,7 @@ def test_the_label_conditions_the_encoder_and_the_decoder(cvae):
     torch.testing.assert_close(cvae.decode(z, onehot), cvae.decode(z, y1))
     # the terms: the ELBO of q(z|x,y) and p(x|z,y) with the given noise
     noise = torch.randn(4, 6)
-    out = cvae.terms(x, noise=noise, y=y1)
+    out = cvae.terms(x, y=y1, eps=noise)
     mu, logvar = cvae.encode(x, y1)
     x_hat = cvae.decode(cvae.reparameterize(mu, logvar, noise), y1)
     recon = torch.nn.functional.binary_cross_entropy(x_hat, x, reduction="none").flatten(1)
@@ -48,15 +48,15 @@ def test_labels_are_required_and_sampling_draws_the_classes_in_turn(cvae):
 
 
 def test_the_class_grid_shares_z_along_columns_and_the_relabel_grid_decodes_every_label(cvae):
-    grid = views.class_sample_grid(cvae, 3, torch.Generator().manual_seed(1))
+    grid = grids.class_sample_grid(cvae, 3, torch.Generator().manual_seed(1))
     z = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
     expected = cvae.decode(z.repeat(10, 1), torch.arange(10).repeat_interleave(3))
-    torch.testing.assert_close(grid, views.grid(expected, nrow=3))
+    torch.testing.assert_close(grid, grids.grid(expected, nrow=3))
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([4, 7])
     mu = cvae.embed(x, y)
     rows = [torch.cat([x[i : i + 1], cvae.decode(mu[i].repeat(10, 1), torch.arange(10))])
             for i in range(2)]  # fmt: skip
-    torch.testing.assert_close(views.relabel_grid(cvae, x, y), views.grid(torch.cat(rows), nrow=11))
+    torch.testing.assert_close(grids.relabel_grid(cvae, x, y), grids.grid(torch.cat(rows), nrow=11))
 
 
 def test_bad_cvae_settings_are_refused_naming_the_key():

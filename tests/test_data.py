@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from tests.conftest import N_TEST, N_TRAIN, run_here, synthetic_images
-from vae_lightning import sources
 from vae_lightning.data import (
     FashionMNISTDataModule,
     IDXError,
     MNISTDataModule,
     load_split,
     read_idx,
+    sources,
 )
+from vae_lightning.data.sources import DATASETS, ensure_dataset, idx_bytes, restricted_loads
 from vae_lightning.errors import ConfigError, DataError
-from vae_lightning.sources import DATASETS, ensure_dataset, idx_bytes, restricted_loads
 
 
 def dm(data_dir, **kwargs):
@@ -254,6 +254,7 @@ def test_lightning_reshuffles_the_training_set_every_epoch(data_dir):
     import lightning as L
 
     from vae_lightning.models import VAE
+    from vae_lightning.training import AutomaticStep
 
     seen: list[list[int]] = []
 
@@ -267,7 +268,8 @@ def test_lightning_reshuffles_the_training_set_every_epoch(data_dir):
         logger=False, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(VAE(latent_dim=2, hidden_dim=8), datamodule=dm(data_dir, batch_size=32))
+    model = AutomaticStep().bind(VAE(latent_dim=2, hidden_dim=8))
+    trainer.fit(model, datamodule=dm(data_dir, batch_size=32))
     assert len(seen) == 3 and seen[0] != seen[1] and seen[1] != seen[2]
     expected = []
     for epoch in range(3):  # the order is (seed, epoch)'s, as a resumed run recomputes it
@@ -375,7 +377,7 @@ def test_ddp_shards_are_disjoint_and_train_shards_equal_in_length(n):
 
 
 def test_vae_data_cli_refuses_unknown_names_and_reports_missing_files(tmp_path, capsys):
-    from vae_lightning.sources import main
+    from vae_lightning.data.sources import main
 
     assert main(["datasets=[mnist,cifar]", f"data_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith("error: datasets must list some of mnist")

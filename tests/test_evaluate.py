@@ -17,21 +17,20 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from tests.conftest import run_here, small_overrides, synthetic_images, write_synthetic
-from vae_lightning import fid
-from vae_lightning.checkpoints import load_model, model_class
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.evaluate import evaluate, main
-from vae_lightning.fid import (
-    ClassifierFeatures,
-    FeatureClassifier,
+from vae_lightning.evaluation import fid
+from vae_lightning.evaluation.fid import (
     classifier_accuracy,
     frechet_distance,
     load_or_train_classifier,
     train_feature_classifier,
 )
-from vae_lightning.losses import recon_bce
-from vae_lightning.metrics import iwae_bound
+from vae_lightning.evaluation.metrics import iwae_bound
+from vae_lightning.models.losses import recon_bce
+from vae_lightning.models.networks import ClassifierFeatures, FeatureClassifier
+from vae_lightning.run.checkpoints import load_model, model_class
 from vae_lightning.train import train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_redesign"

@@ -13,10 +13,12 @@ from torch import nn
 from tests.conftest import SMALL, run_here, write_synthetic
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
-from vae_lightning.fid import FeatureClassifier, classifier_path
-from vae_lightning.fused_group import why_not_fused
-from vae_lightning.losses import feature_distance
+from vae_lightning.evaluation.fid import classifier_path
 from vae_lightning.models import AE, VAE, ConvVAE
+from vae_lightning.models.losses import feature_distance
+from vae_lightning.models.networks import FeatureClassifier
+from vae_lightning.sweeps.fused import why_not_fused
+from vae_lightning.training import AutomaticStep
 
 
 def test_feature_distance_is_the_squared_feature_distance_with_gradients_to_x_hat_only():
@@ -39,10 +41,10 @@ def test_the_objective_adds_the_weighted_feature_term_and_the_loss_is_unchanged(
     classifier = FeatureClassifier()
     weighted.load_feature_classifier(classifier)
     x = torch.rand(8, 1, 28, 28)
-    knobs = {"noise": torch.randn(8, plain.latent_dim)} if plain.variational else {}
+    knobs = {"eps": torch.randn(8, plain.latent_dim)} if plain.variational else {}
     a, b = plain.terms(x, **knobs), weighted.terms(x, **knobs)
     feature = feature_distance(lambda v: classifier.eval().features(v), torch.sigmoid(
-        weighted.decoder(weighted.reparameterize(*weighted.encode(x), knobs["noise"])
+        weighted.decoder(weighted.reparameterize(*weighted.encode(x), knobs["eps"])
                          if plain.variational else weighted.encode(x))), x).mean()  # fmt: skip
     torch.testing.assert_close(b["feature"], feature)
     torch.testing.assert_close(b["loss"], a["loss"])
@@ -51,7 +53,7 @@ def test_the_objective_adds_the_weighted_feature_term_and_the_loss_is_unchanged(
 
 
 def test_the_frozen_features_stay_in_eval_mode_and_out_of_the_optimizer():
-    model = ConvVAE(feature_loss_weight=1.0).train()
+    model = AutomaticStep().bind(ConvVAE(feature_loss_weight=1.0)).train()
     assert model.encoder.training and not model.feature_net.training
     optimizer = model.configure_optimizers()
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import REPO_ROOT, run_here, run_multirun, small_overrides
 from vae_lightning.config import compose
-from vae_lightning.fused_group import (
+from vae_lightning.sweeps.fused import (
     FusedGroup,
     group_key,
     loops_state,
@@ -180,7 +180,7 @@ def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir
 
 def signal_at_step(monkeypatch, n: int) -> None:
     """The stack's ``n``-th step sends this process SIGTERM (as a scheduler would)."""
-    from vae_lightning import fused
+    from vae_lightning.training import stack as fused
 
     step, calls = fused.Stack.step, []
 
@@ -318,7 +318,9 @@ def test_the_stacks_checkpoint_loop_state_is_lightnings(data_dir, tmp_path):
     )  # fmt: skip
     data = MNISTDataModule(data_dir=str(data_dir), verify=False, download=False, val_size=256,
                            batch_size=32)  # fmt: skip
-    trainer.fit(VAE(latent_dim=2, hidden_dim=8), datamodule=data)
+    from vae_lightning.training import AutomaticStep
+
+    trainer.fit(AutomaticStep().bind(VAE(latent_dim=2, hidden_dim=8)), datamodule=data)
     assert set(saved) == points
     for (epoch, done), real in saved.items():
         assert loops_state(epoch, done, n_train, n_val if epoch else 0) == real, (epoch, done)
@@ -367,7 +369,7 @@ def test_a_job_whose_loss_turns_non_finite_leaves_the_stack_and_the_others_go_on
     """Job 1's weights are poisoned after its 3rd step: the stack drops it at the next one (it
     then goes on alone from its last good checkpoint, where a real NaN recurs and fails it as
     a job alone fails); job 0 trains on exactly as it trains alone."""
-    from vae_lightning import fused
+    from vae_lightning.training import stack as fused
 
     step = fused.Stack.step
     calls = []

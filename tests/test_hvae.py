@@ -10,10 +10,10 @@ import torch
 
 from tests.conftest import SMALL, run_here
 from vae_lightning.errors import ConfigError
-from vae_lightning.losses import gaussian_kl
-from vae_lightning.metrics import iwae_bound
+from vae_lightning.evaluation.metrics import iwae_bound
 from vae_lightning.models import HVAE
-from vae_lightning.schedules import burda_epochs, burda_factor, check_scheduler
+from vae_lightning.models.losses import gaussian_kl
+from vae_lightning.training.schedules import burda_epochs, burda_factor, check_scheduler
 
 
 def test_the_burda_schedule_divides_the_rate_by_10_to_the_1_7_every_3_to_the_i_epochs():

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vae_lightning.losses import gaussian_kl, mse_per_pixel, recon_bce
+from vae_lightning.models.losses import gaussian_kl, mse_per_pixel, recon_bce
 
 
 def test_kl_of_standard_normal_is_zero():

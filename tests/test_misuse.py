@@ -168,7 +168,7 @@ def test_a_second_writer_of_a_folder_is_refused(data_dir, tmp_path):
 # process and then sleep for a minute, which the stop must not wait for.
 PROBE_SIGNALLER = """
 import os, signal, sys, time
-import vae_lightning.callbacks as callbacks
+import vae_lightning.views.measures as callbacks
 original = callbacks.fit_probes
 def signalling(*args, **kwargs):
     if os.environ.get("SIGNAL_IN_PROBE"):
@@ -223,8 +223,8 @@ def test_a_signal_during_the_probe_stops_at_once_and_the_resume_matches(
 def test_a_second_sweep_into_a_sweep_folder_in_use_is_refused(tmp_path):
     from omegaconf import OmegaConf
 
-    from vae_lightning.config import RunFolders
     from vae_lightning.files import hold_folder
+    from vae_lightning.sweeps.folders import RunFolders
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vae_lightning.models import AE, VAE, ConvVAE
-from vae_lightning.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vae_lightning.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -60,13 +60,14 @@ def test_composing_and_importing_does_not_pay_for_what_a_run_does_not_use():
         "from vae_lightning.config import compose\n"
         "import vae_lightning.train\n"
         "compose([])\n"
-        "print(sorted(m for m in ('vae_lightning.report', 'vae_lightning.callbacks',\n"
+        "print(sorted(m for m in ('vae_lightning.studies.report', 'vae_lightning.views.images',\n"
         "    'vae_lightning.models', 'vae_lightning.data') if m in sys.modules))\n"
-        "import vae_lightning.models, vae_lightning.data, vae_lightning.callbacks\n"
-        "import vae_lightning.run, vae_lightning.step, vae_lightning.checkpoints\n"
+        "import vae_lightning.models, vae_lightning.data.datamodules, vae_lightning.views.images\n"
+        "import vae_lightning.run.record, vae_lightning.run.checkpoints\n"
+        "import vae_lightning.training.step\n"
         "new = set(sys.modules) - before\n"
         "print(sorted({m.split('.')[0] for m in new if m.startswith(('sklearn', 'scipy'))}"
-        " | {m for m in new if m == 'vae_lightning.report'}))\n"
+        " | {m for m in new if m == 'vae_lightning.studies.report'}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT
@@ -77,14 +78,15 @@ def test_composing_and_importing_does_not_pay_for_what_a_run_does_not_use():
 
 def test_compile_compiles_the_maths_not_the_networks():
     from vae_lightning.models import VAE
+    from vae_lightning.training import AutomaticStep
 
-    model = VAE(latent_dim=2, compile=True)
+    model = AutomaticStep().bind(VAE(latent_dim=2, compile=True))
     names = set(model.state_dict())
-    model.configure_model()
+    model.configure_model()  # the step compiles what it runs
     assert model.terms_fn is not model.terms
     assert hasattr(model.terms_fn, "_torchdynamo_orig_callable")  # torch.compile's wrapper
     assert set(model.state_dict()) == names  # no _orig_mod. prefixes in checkpoints
-    plain = VAE(latent_dim=2)
+    plain = AutomaticStep().bind(VAE(latent_dim=2))
     plain.configure_model()
     assert plain.terms_fn == plain.terms
 

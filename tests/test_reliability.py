@@ -166,7 +166,7 @@ def test_sigterm_to_a_real_training_process_then_resume(data_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
     import torch
 
-    from vae_lightning.run import NonFiniteLossError
+    from vae_lightning.run.stops import NonFiniteLossError
 
     out = tmp_path / "run"
     # the weights turn to inf at step 20 (epoch 1), after epoch 0's good last.ckpt
@@ -197,7 +197,8 @@ def test_testing_an_earlier_checkpoint_keeps_every_epochs_history(data_dir, tmp_
 
     from vae_lightning.data import MNISTDataModule
     from vae_lightning.models import VAE
-    from vae_lightning.run import History
+    from vae_lightning.run.history import History
+    from vae_lightning.training import AutomaticStep
 
     history = History(tmp_path / "history.csv")
     every = ModelCheckpoint(dirpath=tmp_path, filename="e{epoch}", save_top_k=-1,
@@ -206,7 +207,7 @@ def test_testing_an_earlier_checkpoint_keeps_every_epochs_history(data_dir, tmp_
         max_epochs=3, limit_train_batches=2, limit_val_batches=1, callbacks=[history, every],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    model = VAE(latent_dim=2, hidden_dim=8)
+    model = AutomaticStep().bind(VAE(latent_dim=2, hidden_dim=8))
     data = MNISTDataModule(data_dir=str(data_dir), verify=False, download=False, val_size=128)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, ckpt_path=tmp_path / "eepoch=0.ckpt", verbose=False)
@@ -221,7 +222,7 @@ def test_concurrent_preparation_of_one_data_folder(tmp_path, monkeypatch):
     import time
 
     from tests.conftest import synthetic_images
-    from vae_lightning import sources
+    from vae_lightning.data import sources
 
     images, labels = synthetic_images(50, seed=0)
     files = {
@@ -274,9 +275,9 @@ def vae_checkpoint(compose_cfg, tmp_path) -> Path:
 
 
 def test_checkpoint_of_another_class_or_shape_is_refused(vae_checkpoint):
-    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import ConfigError
     from vae_lightning.models import AE, VAE
+    from vae_lightning.run.checkpoints import check_fits as check_checkpoint
 
     check_checkpoint(vae_checkpoint, VAE(latent_dim=3))  # fits
     with pytest.raises(ConfigError, match=r"holds a VAE, but the configured model is a AE"):
@@ -288,9 +289,9 @@ def test_checkpoint_of_another_class_or_shape_is_refused(vae_checkpoint):
 
 
 def test_truncated_checkpoint_is_named(vae_checkpoint, tmp_path):
-    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import DataError
     from vae_lightning.models import VAE
+    from vae_lightning.run.checkpoints import check_fits as check_checkpoint
 
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(vae_checkpoint.read_bytes()[:5000])
@@ -310,9 +311,9 @@ def test_checkpoints_load_weights_only_and_refuse_code(tmp_path, vae_checkpoint)
     """A checkpoint that would run code on loading is refused, naming the file."""
     import torch
 
-    from vae_lightning.checkpoints import check_fits as check_checkpoint
     from vae_lightning.errors import DataError
     from vae_lightning.models import VAE
+    from vae_lightning.run.checkpoints import check_fits as check_checkpoint
 
     class Evil:
         def __reduce__(self):
@@ -332,7 +333,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
 
     import torch
 
-    from vae_lightning.checkpoints import AtomicCheckpointIO
+    from vae_lightning.run.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -419,7 +420,7 @@ def test_memory_stays_flat_over_many_epochs(compose_cfg, tmp_path):
                 self.mb.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
 
     rss = Rss()
-    import vae_lightning.run as cbs
+    import vae_lightning.run.history as cbs
 
     cfg = compose_cfg(
         "trainer.max_epochs=40",
@@ -497,7 +498,7 @@ def fake_trainer(step: int, log_every: int = 5):
 
 
 def test_non_finite_stop_checks_every_loss_on_the_cpu():
-    from vae_lightning.run import NonFiniteLossError, NonFiniteStop
+    from vae_lightning.run.stops import NonFiniteLossError, NonFiniteStop
 
     stop = NonFiniteStop()
     stop.on_before_backward(fake_trainer(3), None, torch.tensor(1.0))
@@ -508,7 +509,7 @@ def test_non_finite_stop_checks_every_loss_on_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_non_finite_stop_on_a_gpu_flags_on_the_device_and_raises_at_the_next_check():
-    from vae_lightning.run import NonFiniteLossError, NonFiniteStop
+    from vae_lightning.run.stops import NonFiniteLossError, NonFiniteStop
 
     stop = NonFiniteStop()
     for step, value in ((5, 1.0), (6, float("inf")), (7, float("nan")), (8, 2.0)):

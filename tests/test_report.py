@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_here
-from vae_lightning import report
-from vae_lightning.report import SUMMARY_COLUMNS, collect_runs, main, metric_grid, write_report
+from vae_lightning.studies import report
+from vae_lightning.studies.report import (
+    SUMMARY_COLUMNS,
+    collect_runs,
+    main,
+    metric_grid,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -292,7 +298,7 @@ def test_only_failed_runs_still_make_a_report(tmp_path: Path) -> None:
 def test_main_writes_and_logs(
     sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="vae_lightning.report")
+    caplog.set_level(logging.INFO, logger="vae_lightning.studies.report")
     assert main([f"dir={sweep}", f"out={tmp_path / 'out'}"]) == 0
     assert (tmp_path / "out" / "REPORT.md").is_file()
     assert f"report written: {tmp_path / 'out' / 'REPORT.md'}" in caplog.text

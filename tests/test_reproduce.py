@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tests.conftest import N_TEST, write_synthetic
-from vae_lightning.reproduce import main
+from vae_lightning.studies.reproduce import main
 
 
 @pytest.mark.slow

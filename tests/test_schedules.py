@@ -8,7 +8,8 @@ import torch
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE
-from vae_lightning.schedules import check_kl, check_scheduler, lr_scheduler
+from vae_lightning.training import AutomaticStep
+from vae_lightning.training.schedules import check_kl, check_scheduler, lr_scheduler
 
 
 def rates(spec: dict, max_epochs: int, lr: float = 1.0) -> list[float]:
@@ -46,7 +47,7 @@ def test_none_is_a_constant_rate_and_the_default():
     assert check_scheduler({"name": "none"}) is None and check_scheduler(None) is None
     cfg = compose(["model=conv_vae"])
     assert cfg.model.scheduler.name == "none"
-    model = VAE()
+    model = AutomaticStep().bind(VAE())
     assert isinstance(model.configure_optimizers(), torch.optim.Adam)  # as before schedulers
 
 
@@ -71,19 +72,19 @@ def test_none_is_a_constant_rate_and_the_default():
 )
 def test_bad_schedules_are_refused_naming_the_key(spec, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        VAE(scheduler=spec)
+        AutomaticStep().bind(VAE(scheduler=spec))  # the step checks the schedules it applies
 
 
 def test_a_schedule_composes_from_its_group_and_survives_a_checkpoint(tmp_path):
     cfg = compose(["scheduler=cosine", "model.scheduler.warmup_epochs=3"])
     assert dict(cfg.model.scheduler) == {"name": "cosine", "warmup_epochs": 3, "eta_min": 0.0}
-    model = VAE(scheduler=cfg.model.scheduler)
+    model = AutomaticStep().bind(VAE(scheduler=cfg.model.scheduler))
     assert model.hparams.scheduler == {"name": "cosine", "warmup_epochs": 3, "eta_min": 0.0}
     assert type(model.hparams.scheduler) is dict  # plain data: weights_only checkpoints load it
 
 
 def test_kl_warmup_rises_linearly_to_beta_then_stays():
-    from vae_lightning.schedules import kl_weight
+    from vae_lightning.training.schedules import kl_weight
 
     epochs = check_kl({"name": "warmup", "length": 2, "unit": "epoch"})
     assert [kl_weight(epochs, 4.0, s, 10, 100) for s in (0, 5, 10, 20, 99)] == [0, 1, 2, 4, 4]
@@ -92,7 +93,7 @@ def test_kl_warmup_rises_linearly_to_beta_then_stays():
 
 
 def test_cyclical_annealing_repeats_its_ramp_each_cycle():
-    from vae_lightning.schedules import kl_weight
+    from vae_lightning.training.schedules import kl_weight
 
     spec = check_kl({"name": "cyclical", "cycles": 4, "ratio": 0.5})  # 100 steps: period 25
     got = [kl_weight(spec, 2.0, s, 10, 100) for s in (0, 5, 12, 13, 24, 25, 30, 99)]
@@ -104,7 +105,7 @@ def test_free_bits_take_the_kl_pressure_off_dimensions_below_the_floor():
     plain, floored = VAE(latent_dim=4), VAE(latent_dim=4, kl={"name": "constant", "free_bits": 1e6})
     floored.load_state_dict(plain.state_dict())
     noise = torch.randn(16, 4)
-    a, b = plain.terms(x, noise=noise), floored.terms(x, noise=noise)
+    a, b = plain.terms(x, eps=noise), floored.terms(x, eps=noise)
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["kl"], b["kl"])  # the same ELBO
     assert b["objective"].item() == pytest.approx(b["recon"].item() + 4e6)  # all 4 dims floored
     b["objective"].backward()
@@ -126,7 +127,7 @@ def test_free_bits_take_the_kl_pressure_off_dimensions_below_the_floor():
 )
 def test_bad_kl_schedules_are_refused_naming_the_key(spec, message):
     with pytest.raises(ConfigError, match=message):
-        VAE(kl=spec)
+        AutomaticStep().bind(VAE(kl=spec))
 
 
 def test_an_ae_refuses_a_kl_schedule_and_takes_the_default():

@@ -117,8 +117,8 @@ def test_a_multirun_of_ddp_jobs_logs_exact_means_over_uneven_shards(data_dir, tm
     from omegaconf import OmegaConf
 
     from vae_lightning.data import MNISTDataModule
-    from vae_lightning.losses import recon_bce
     from vae_lightning.models import AE
+    from vae_lightning.models.losses import recon_bce
 
     out = tmp_path / "sweep"
     result = run_cli(

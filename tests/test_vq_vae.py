@@ -15,7 +15,7 @@ import torch
 from tests.conftest import SMALL, run_here
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE, VQVAE
-from vae_lightning.networks import PixelCNN
+from vae_lightning.models.networks import PixelCNN
 
 
 def test_terms_bound_with_the_uniform_prior_and_quantise_to_the_codebook():

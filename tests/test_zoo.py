@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, run_here
-from vae_lightning.report import fmt, pct
-from vae_lightning.zoo import main
+from vae_lightning.studies.report import fmt, pct
+from vae_lightning.studies.zoo import main
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,10 @@
 """Hydra glue, in one place: the config folder and its resolvers, composing and instantiating
-with errors that name the key, the tools' shared entry point, the thread policy, and the
-callback that writes a sweep's report.
+with errors that name the key, the tools' shared entry point, the thread policy, and a
+multirun job's line in its sweep's ledger (``jobs.jsonl``). The Hydra callback that checks the
+run and sweep folders and writes a sweep's report is ``sweeps.folders.RunFolders``.
+
+A base module, as ``errors`` and ``files`` are: every floor may import it, and it imports no
+floor.
 
 Nothing here runs at import: the resolvers are registered by ``register_resolvers()``, which
 every entry point and ``compose()`` call first.
@@ -19,11 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
-from vae_lightning.files import FolderBusy, file_lock, lock_folder, make_writable_folder
+from vae_lightning.files import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -187,7 +190,7 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     resolved, as there is no Hydra runtime to resolve it later."""
     from hydra.core.hydra_config import HydraConfig
 
-    if _ddp_child():  # DDP's other processes run with other Hydra settings
+    if ddp_child():  # DDP's other processes run with other Hydra settings
         return
     folder = output_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
@@ -318,67 +321,7 @@ def argv_overrides(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a not in ("-h", "--help")]
 
 
-class RunFolders(Callback):
-    """Hydra callback for the run and sweep folders, around what Hydra does itself.
-
-    - Before a run or a sweep: its folder can be created, else one line (Hydra would fail
-      with a traceback while creating it).
-    - A sweep folder is held (a lock) while the sweep runs: a second sweep into it is refused
-      with one line before it writes anything.
-    - Each job appends its outcome to the sweep's ``jobs.jsonl`` (``record_job``); when the
-      multirun ends, REPORT.md, summary.csv and the plots are written (report.py), and the
-      exit status is 1 when any job of this multirun failed.
-    """
-
-    def __init__(self) -> None:
-        self._lock: int | None = None  # a descriptor: the callback is pickled to joblib's workers
-        self._ledger_start = 0
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _make_folder(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _ddp_child():
-            return
-        sweep_dir = _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
-        try:
-            self._lock = lock_folder(sweep_dir)
-        except FolderBusy:
-            _exit_with(
-                f"error: hydra.sweep.dir {sweep_dir} is being written by another sweep right "
-                f"now. Wait for it to finish, or choose another folder.",
-                2,
-            )
-        ledger = sweep_dir / "jobs.jsonl"
-        self._ledger_start = ledger.stat().st_size if ledger.is_file() else 0
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from vae_lightning.report import write_report
-
-        if _ddp_child():
-            return
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            log.info("sweep report: %s", write_report(sweep_dir))
-        except FileNotFoundError as err:  # e.g. every job was skipped before writing anything
-            log.warning("no sweep report: %s", err)
-        finally:
-            if self._lock is not None:
-                os.close(self._lock)
-                self._lock = None
-        jobs = _read_jobs(sweep_dir / "jobs.jsonl", self._ledger_start)
-        failed = [j for j in jobs if j.get("status") not in ("ok", "skipped")]
-        if failed:
-            first = failed[0]
-            _exit_with(
-                f"error: {len(failed)} of {len(jobs)} jobs of this sweep failed (each one's "
-                f"metrics.json or train.log says why); the first, {first.get('dir')}: "
-                f"{first.get('error')}",
-                1,
-            )
-
-
-def _ddp_child() -> bool:
+def ddp_child() -> bool:
     """Whether this process is one of the processes DDP starts beside rank zero (Lightning runs
     them with the job's command line, which may be a multirun's)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -386,32 +329,12 @@ def _ddp_child() -> bool:
     return rank_zero_only.rank != 0
 
 
-def _make_folder(folder: Any, key: str) -> Path:
-    path = Path(str(folder))
-    try:
-        make_writable_folder(path)
-    except OSError as err:
-        _exit_with(
-            f"error: {key} {path} cannot be created ({err.strerror or err}). Choose another "
-            f"folder with {key}=... or paths.log_dir=...",
-            2,
-        )
-    return path
-
-
-def _exit_with(line: str, status: int) -> None:
-    """One line on stderr and the exit status; a SystemExit passes through Hydra's callback
-    and error handlers, which would otherwise print a traceback."""
-    sys.stderr.write(line + "\n")
-    raise SystemExit(status)
-
-
 def record_job(status: str, error: str | None = None) -> None:
     """Append this multirun job's outcome to its sweep's ``jobs.jsonl`` (under a file lock:
     parallel launchers' jobs append to it at once)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if _ddp_child():
+    if ddp_child():
         return
     hydra_cfg = HydraConfig.get()
     ledger = Path(hydra_cfg.sweep.dir) / "jobs.jsonl"
@@ -424,11 +347,3 @@ def record_job(status: str, error: str | None = None) -> None:
     with file_lock(ledger):
         with open(ledger, "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def _read_jobs(ledger: Path, start: int) -> list[dict[str, Any]]:
-    if not ledger.is_file():
-        return []
-    with open(ledger) as f:
-        f.seek(start)
-        return [json.loads(line) for line in f if line.strip()]

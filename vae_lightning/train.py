@@ -33,8 +33,8 @@ def train(cfg: DictConfig) -> float | None:
     config.check_run_config(cfg)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from vae_lightning.run import RunRecord
-    from vae_lightning.run_folder import claim_folder
+    from vae_lightning.run.folder import claim_folder
+    from vae_lightning.run.record import RunRecord
 
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume") is True and (done := RunRecord.finished(output_dir)) is not None:
@@ -54,12 +54,13 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
     a job the fused launcher trained in a group, what the group recorded (its timings)."""
     import lightning as L
 
-    from vae_lightning.checkpoints import check_fits
-    from vae_lightning.run_folder import check_resume, resume_checkpoint
+    from vae_lightning.run.checkpoints import check_fits
+    from vae_lightning.run.folder import check_resume, resume_checkpoint
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = config.instantiate(cfg.data, "data")
     model = config.instantiate(cfg.model, "model")
+    _attach_step(model)
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if getattr(model, "feature_net", None) is not None and ckpt_path is None:
         _load_feature_classifier(model, datamodule)  # a resumed run has it in its checkpoint
@@ -72,12 +73,23 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
     return datamodule, model, ckpt_path, fused
 
 
+def _attach_step(model: Any) -> None:
+    """The step that trains the model (it checks the model's schedules: ``model.<key>``)."""
+    from vae_lightning.errors import ConfigError
+    from vae_lightning.training import AutomaticStep
+
+    try:
+        AutomaticStep().bind(model)
+    except ConfigError as err:
+        raise ConfigError(f"model.{err.key}", err.message) from None
+
+
 def _load_feature_classifier(model: Any, datamodule: Any) -> None:
     """The feature-matching loss's frozen features: the dataset's default FID classifier, cached
     under <data_dir>/classifiers (``make classifiers``), or trained now with vae-evaluate's
     defaults and cached (3 minutes on 2 CPU cores for Fashion-MNIST)."""
     from vae_lightning.errors import DataError
-    from vae_lightning.fid import classifier_of
+    from vae_lightning.evaluation.fid import classifier_of
 
     datamodule.prepare_data()  # the raw files the classifier is trained on (fetched if missing)
     try:
@@ -93,15 +105,11 @@ def _load_feature_classifier(model: Any, datamodule: Any) -> None:
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> float | None:
-    from vae_lightning.checkpoints import AtomicCheckpointIO
-    from vae_lightning.run import (
-        ExactResume,
-        History,
-        NonFiniteStop,
-        RunRecord,
-        StopOnSignal,
-        log_hparams,
-    )  # fmt: skip
+    from vae_lightning.run.checkpoints import AtomicCheckpointIO
+    from vae_lightning.run.history import History
+    from vae_lightning.run.record import RunRecord, log_hparams
+    from vae_lightning.run.resume import ExactResume
+    from vae_lightning.run.stops import NonFiniteStop, StopOnSignal
 
     try:
         datamodule, model, ckpt_path, fused = _prepare(cfg, output_dir)

@@ -93,7 +93,7 @@ class FusedLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        from vae_lightning.fused_group import spread_stacks
+        from vae_lightning.sweeps.fused import spread_stacks
 
         jobs = [self._load(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
         groups, alone = self._plan(jobs)
@@ -141,7 +141,7 @@ class FusedLauncher(Launcher):
 
     def _plan(self, jobs: list[_Job]) -> tuple[list[list[int]], list[int]]:
         """Groups of jobs to stack (each of 2 or more) and the jobs that run alone."""
-        from vae_lightning.fused_group import group_key, why_not_fused
+        from vae_lightning.sweeps.fused import group_key, why_not_fused
 
         by_key: dict[str, list[int]] = defaultdict(list)
         alone: list[int] = []
@@ -170,7 +170,7 @@ class FusedLauncher(Launcher):
         ``n_jobs`` shares of the CPU (stacks on both: one after another, each on its own)."""
         import torch
 
-        from vae_lightning.fused_group import stack_device, stack_devices
+        from vae_lightning.sweeps.fused import stack_device, stack_devices
 
         kinds = {stack_device(jobs[g[0]].task.trainer).type for g in groups}
         if kinds == {"cuda"}:
@@ -181,7 +181,7 @@ class FusedLauncher(Launcher):
     def _why_alone(job: _Job) -> str | None:
         from vae_lightning import config
         from vae_lightning.errors import USER_ERRORS
-        from vae_lightning.run import RunRecord
+        from vae_lightning.run.record import RunRecord
 
         resume = job.task.get("resume")
         if resume not in (None, False, True):
@@ -202,7 +202,7 @@ class FusedLauncher(Launcher):
         the command that resumes it."""
         from vae_lightning import config
         from vae_lightning.errors import RunInterrupted
-        from vae_lightning.run_folder import claim_folder
+        from vae_lightning.run.folder import claim_folder
 
         received: list[int] = []  # a signal before the stack's own handler is in place
 
@@ -235,7 +235,7 @@ class FusedLauncher(Launcher):
 
         from vae_lightning import config
         from vae_lightning.errors import RunInterrupted
-        from vae_lightning.run_folder import claim_folder
+        from vae_lightning.run.folder import claim_folder
 
         t0 = time.perf_counter()
         ctx = multiprocessing.get_context("spawn")
@@ -294,7 +294,7 @@ class FusedLauncher(Launcher):
                  len(stacks), len(slots), time.perf_counter() - t0)  # fmt: skip
 
     def _interrupted(self, group: list[_Job], err: Any) -> None:
-        from vae_lightning.run import RunRecord
+        from vae_lightning.run.record import RunRecord
 
         command = self._resume_command()
         for job in group:
@@ -402,7 +402,7 @@ def _train_stacks(stacks: list, where: str, received: list[int]) -> list[tuple]:
     import traceback
 
     from vae_lightning.errors import USER_ERRORS, RunInterrupted
-    from vae_lightning.fused_group import FusedGroup
+    from vae_lightning.sweeps.fused import FusedGroup
 
     outcomes: list[tuple[str, Any]] = []
     for stack in stacks:

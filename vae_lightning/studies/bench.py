@@ -43,7 +43,7 @@ from omegaconf import DictConfig, ListConfig
 from vae_lightning import config
 from vae_lightning.errors import ConfigError, RunError, check_path
 from vae_lightning.files import atomic_write_json
-from vae_lightning.losses import gaussian_kl, recon_bce
+from vae_lightning.models.losses import gaussian_kl, recon_bce
 from vae_lightning.train import train
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def main(cfg: DictConfig) -> None:
 
 def _bench_sweeps(cfg: DictConfig) -> None:
     """``sweep=true``: the sweep grid through each launcher (sweep_bench.py)."""
-    from vae_lightning import sweep_bench
+    from vae_lightning.studies import sweep_bench
 
     if not isinstance(cfg.sweep, bool):
         raise ConfigError("sweep", f"must be true or false, got {cfg.sweep!r}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from vae_lightning.errors import ConfigError, FolderRefused
 from vae_lightning.files import FolderBusy, hold_folder
-from vae_lightning.run import RunRecord
+from vae_lightning.run.record import RunRecord
 
 log = logging.getLogger(__name__)
 

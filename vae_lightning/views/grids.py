@@ -1,35 +1,18 @@
-"""What a researcher looks at, as plain functions: image grids, figures, and one way to publish
-either (a PNG file and, when given writers, TensorBoard). Used by the callbacks during training
-and by ``vae-evaluate`` on a checkpoint, so both draw the same pictures.
+"""Image grids of what a model does, as plain functions: reconstructions, samples,
+interpolations, traversals, and a conditional model's views. Used by the callbacks during
+training and by ``vae-evaluate`` on a checkpoint, so both draw the same pictures.
 
-Grids take float images in [0, 1] on the model's device and return a (3, H, W) CPU tensor;
-figures are matplotlib Figures made without pyplot (no global state, no display).
+Grids take float images in [0, 1] on the model's device and return a (3, H, W) CPU tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from vae_lightning.files import atomic_write
-from vae_lightning.losses import gaussian_kl
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The model in eval mode without gradients for the block; its mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+from vae_lightning.models import eval_mode
+from vae_lightning.models.losses import gaussian_kl
 
 
 def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -37,9 +20,6 @@ def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     from torchvision.utils import make_grid
 
     return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-
-
-# --- image grids ----------------------------------------------------------------------------------
 
 
 def contrasting_pairs(
@@ -146,107 +126,3 @@ def relabel_grid(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         decoded = model.decode(mu.repeat_interleave(k, dim=0), labels)
     rows = torch.cat([x.unsqueeze(1), decoded.view(len(x), k, *x.shape[1:])], dim=1)
     return grid(rows.flatten(0, 1), nrow=k + 1)
-
-
-# --- figures ------------------------------------------------------------------------------------
-
-
-def latent_2d(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    method: str = "pca",
-    max_points: int = 2000,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(N, D) embeddings -> (M, 2) points, their labels, and how they were made: the two axes
-    when D is 2, else PCA of all points or t-SNE (``method="tsne"``) of ``max_points`` of them
-    chosen by ``seed``."""
-    if feats.shape[1] == 2:
-        return feats, labels, "latent axes"
-    if method == "tsne":
-        from sklearn.manifold import TSNE
-
-        generator = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(feats), generator=generator)[:max_points].numpy()
-        xy = TSNE(random_state=seed, init="pca").fit_transform(feats[idx])
-        return xy, labels[idx], f"t-SNE of {len(idx)} points"
-    from sklearn.decomposition import PCA
-
-    pca = PCA(n_components=2, random_state=seed).fit(feats)
-    how = f"PCA ({pca.explained_variance_ratio_.sum():.0%} of variance)"
-    return pca.transform(feats), labels, how
-
-
-def latent_scatter(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str) -> Any:
-    """2-D points coloured by class, one legend entry per class."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 5))
-    ax = fig.subplots()
-    for c, name in enumerate(classes):
-        m = labels == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=name, color=f"C{c}")
-    ax.set_title(title)
-    ax.legend(markerscale=4, fontsize=7, loc="best")
-    fig.tight_layout()
-    return fig
-
-
-def confusion_figure(confusion: np.ndarray, classes: Sequence[str], accuracy: float) -> Any:
-    """The RandomForest probe's confusion matrix (rows: true class)."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig = Figure(figsize=(7, 6))
-    ax = fig.subplots()
-    ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(
-        ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
-    )
-    n = int(confusion.sum())
-    ax.set_title(f"RandomForest on the latent code: accuracy {accuracy:.2%} (n={n})")
-    fig.tight_layout()
-    return fig
-
-
-def kl_bars(kl_per_dim: Sequence[float], mu_variance: Sequence[float], threshold: float) -> Any:
-    """KL per latent dimension, largest first; inactive dimensions (Var_x mu <= threshold) grey."""
-    from matplotlib.figure import Figure
-
-    kl, var = np.asarray(kl_per_dim), np.asarray(mu_variance)
-    order = np.argsort(kl)[::-1]
-    active = var[order] > threshold
-    fig = Figure(figsize=(7, 3))
-    ax = fig.subplots()
-    ax.bar(range(len(order)), kl[order], color=np.where(active, "C0", "C7"))
-    ax.set_xticks(range(len(order)), [str(d) for d in order], fontsize=6)
-    ax.set_xlabel("latent dimension (by KL); grey: inactive")
-    ax.set_ylabel("KL (nats)")
-    ax.set_title(f"KL per dimension, {int(active.sum())} of {len(order)} active")
-    fig.tight_layout()
-    return fig
-
-
-# --- publishing ---------------------------------------------------------------------------------
-
-
-def publish(
-    image: torch.Tensor | Any,
-    path: str | Path,
-    tag: str | None = None,
-    step: int = 0,
-    writers: Sequence[Any] = (),
-) -> Path:
-    """Write a grid (a (C, H, W) tensor in [0, 1]) or a matplotlib Figure to ``path`` as PNG,
-    and to each TensorBoard ``SummaryWriter`` in ``writers`` under ``tag`` at ``step``."""
-    path = Path(path)
-    if isinstance(image, torch.Tensor):
-        from torchvision.utils import save_image
-
-        atomic_write(path, lambda tmp: save_image(image, tmp, format="png"))
-        for writer in writers:
-            writer.add_image(tag, image, global_step=step)
-    else:
-        atomic_write(path, lambda tmp: image.savefig(tmp, format="png", dpi=100))
-        for writer in writers:
-            writer.add_figure(tag, image, global_step=step, close=False)
-    return path

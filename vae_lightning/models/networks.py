@@ -233,3 +233,69 @@ class PixelCNN(nn.Module):
         for block in self.blocks:
             h = h + block(torch.relu(h))
         return self.out(self.head(h))  # (B, K, H, W)
+
+
+# --- the dataset classifier: FID's features (evaluation.fid), the feature-matching loss's ---
+
+
+class FeatureClassifier(nn.Module):
+    """A small CNN for 28x28 grey images; ``features(x)`` is its penultimate layer (B, 128).
+
+    Conv 32 -> pool -> Conv 64 -> pool -> Linear 128 (BatchNorm, ReLU), dropout, Linear to the
+    classes: about 4 M multiply-adds per image. Trained for the default 4 epochs on 2 CPU cores it
+    took 2 minutes on MNIST (99.4 % test accuracy) and 3 on Fashion-MNIST (91.6 %). Input: float
+    images in [0, 1], (B, 1, 28, 28).
+    """
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 128, in_channels: int = 1) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, feature_dim),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (B, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))  # (B, num_classes) logits
+
+
+class ClassifierFeatures(nn.Module):
+    """A FeatureClassifier's ``features`` as a feature extractor: torchmetrics' for FID, and a
+    model's frozen one for its feature-matching loss (``dtype=None``).
+
+    Takes uint8 images in [0, 255] or float images in [0, 1], (B, 1, 28, 28); returns features
+    (B, num_features) in ``dtype`` (float64 by default, so that torchmetrics keeps its result
+    in float64; None: as computed). Always in eval mode (BatchNorm's running statistics, no
+    dropout), also inside a model that is training.
+    """
+
+    def __init__(
+        self, classifier: FeatureClassifier, dtype: torch.dtype | None = torch.float64
+    ) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.dtype = dtype
+        self.num_features = classifier.feature_dim  # read by FrechetInceptionDistance
+        self.train(False)  # from the start, not only once a model's .train() reaches it
+
+    def train(self, mode: bool = True) -> ClassifierFeatures:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()  # as data.to_unit_float
+        features = self.classifier.features(x)
+        return features if self.dtype is None else features.to(self.dtype)

@@ -6,11 +6,13 @@ maths (``model.terms``, the same function one model runs) with ``torch.func.vmap
 stack, and updates them with one Adam: Adam is elementwise, so Adam on stacked tensors is one
 Adam per job. A job whose ``latent_dim`` is below the stack's largest is padded into it: its own
 weights sit in the first ``latent_dim`` rows of each latent block of the encoder's last layer
-and the first columns of the decoder's first layer, the rest is zero, and ``terms``' ``mask``
-zeroes the unused dimensions of z and leaves them out of the KL, so they get no gradient and
-stay zero. Each job keeps its own initialisation (it is built alone, from its own seed), its own
-batches, its own noise (drawn by its own generator at its own size) and its own Adam state;
-``unstack(j)`` returns job j as an ordinary model of its own size.
+and the first columns of the decoder's first layer, the rest is zero, and so is its noise in the
+unused dimensions. Those dimensions are then exactly zero in mu, logvar and z, their KL is
+exactly 0, and every gradient that reaches their weights is exactly 0: they stay zero, and the
+job's maths is that of the job alone with no mask in it. Each job keeps its own initialisation
+(it is built alone, from its own seed), its own batches, its own noise (drawn by its own
+generator at its own size) and its own Adam state; ``unstack(j)`` returns job j as an ordinary
+model of its own size.
 
 This is the stacked maths; ``fused_group.py`` trains a sweep's group of jobs with it and
 writes each one's run folder, and ``hydra_plugins/vae_lightning_fused`` is the Hydra launcher.
@@ -103,9 +105,6 @@ class Stack:
         device = first.device
         self.params = {k: v.to(device).detach().requires_grad_() for k, v in params.items()}
         self.buffers = {k: v.to(device) for k, v in buffers.items()}
-        self.mask = torch.zeros(len(models), self.d_max, device=device)
-        for j, d in enumerate(self.latent_dims):
-            self.mask[j, :d] = 1.0
         self.beta = torch.tensor([float(hp.get("beta", 0.0)) for hp in self.hparams], device=device)
         fused = first.hparams.fused_adam if fused_adam is None else fused_adam
         self.optimizer = torch.optim.Adam(
@@ -114,7 +113,7 @@ class Stack:
         self._vmapped = vmap(self._one, randomness="error")
         # every job on the same batch (a grid over beta and latent_dim at one seed): the batch
         # is not copied per job, and the first layer is one matrix product for all of them
-        self._vmapped_shared = vmap(self._one, in_dims=(0, 0, None, 0, 0, 0), randomness="error")
+        self._vmapped_shared = vmap(self._one, in_dims=(0, 0, None, 0, 0), randomness="error")
         self._encoder = _Encode(self.base)  # functional_call runs forward: encode as forward
         self._encode = vmap(lambda p, b, x: functional_call(self._encoder, {
             **{f"model.{k}": v for k, v in p.items()},
@@ -135,9 +134,9 @@ class Stack:
                     target[in_big] = source[in_small]
         return big
 
-    def _one(self, params: dict, buffers: dict, x, noise, mask, beta) -> dict[str, torch.Tensor]:
-        out = functional_call(self.base, (params, buffers), (x,), {"noise": noise, "mask": mask,
-                                                                   "beta": beta})  # fmt: skip
+    def _one(self, params: dict, buffers: dict, x, noise, beta) -> dict[str, torch.Tensor]:
+        knobs = {"beta": beta, "eps": noise} if self.kind.variational else {"beta": beta}
+        out = functional_call(self.base, (params, buffers), (x,), knobs)
         # the batch means, and the AE's codes (its sampling Gaussian is fitted to them)
         return {k: v for k, v in out.items() if v.ndim == 0 or k == "z"}
 
@@ -150,7 +149,7 @@ class Stack:
             batch = xs.size(0) if shared else xs.size(1)
             noise = torch.zeros(len(self), batch, self.d_max, device=xs.device)
         run = self._vmapped_shared if shared else self._vmapped
-        return run(self.params, self.buffers, xs, noise, self.mask, self.beta)
+        return run(self.params, self.buffers, xs, noise, self.beta)
 
     def step(self, xs: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One Adam step of every job on its own batch; their terms before the step, each (J,).
@@ -178,7 +177,7 @@ class Stack:
     def keep(self, jobs: Sequence[int]) -> None:
         """Go on with ``jobs`` only (indices into the stack), each with its Adam state: a job
         that failed leaves the others' maths untouched."""
-        index = torch.tensor(list(jobs), device=self.mask.device)
+        index = torch.tensor(list(jobs), device=self.beta.device)
         old = self.optimizer
         fresh = {k: v[index].detach().requires_grad_() for k, v in self.params.items()}
         self.optimizer = torch.optim.Adam(list(fresh.values()), **{
@@ -191,7 +190,7 @@ class Stack:
                 }
         self.params = fresh
         self.buffers = {k: v[index] for k, v in self.buffers.items()}
-        self.mask, self.beta = self.mask[index], self.beta[index]
+        self.beta = self.beta[index]
         self.hparams = [self.hparams[j] for j in jobs]
         self.latent_dims = [self.latent_dims[j] for j in jobs]
 
@@ -223,7 +222,7 @@ class Stack:
         latent_dim), as the job alone would draw it; padded to d_max. None for the AE."""
         if not self.kind.variational:
             return None
-        device = self.mask.device
+        device = self.beta.device
         noise = torch.zeros(len(self), batch, self.d_max, device=device)
         for j, (g, d) in enumerate(zip(generators, self.latent_dims, strict=True)):
             noise[j, :, :d] = torch.randn(batch, d, generator=g, device=g.device).to(device)
@@ -242,4 +241,4 @@ class Stack:
                     cut[in_small] = stacked[in_big]
                 state[name] = cut
         model.load_state_dict(state)
-        return model.to(self.mask.device)
+        return model.to(self.beta.device)

@@ -41,9 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning import config
 from vae_lightning.errors import ConfigError, RunInterrupted
-from vae_lightning.losses import gaussian_kl
-from vae_lightning.metrics import LatentMoments, active_units
-from vae_lightning.schedules import check_kl, check_scheduler
+from vae_lightning.evaluation.metrics import LatentMoments, active_units
+from vae_lightning.models.losses import gaussian_kl
+from vae_lightning.training.schedules import check_kl, check_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class FusedGroup:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> list[int]:
-        from vae_lightning.fused import Stack
+        from vae_lightning.training.stack import Stack
 
         t0 = self._t_start = time.perf_counter()
         with self._signals(), contextlib.ExitStack() as cleanup:
@@ -422,7 +422,7 @@ class FusedGroup:
     @staticmethod
     def _collapse(job: _Job) -> Any:
         """The job's PosteriorCollapse callback, when it has one that applies (VAEs)."""
-        from vae_lightning.callbacks import PosteriorCollapse
+        from vae_lightning.views.measures import PosteriorCollapse
 
         if not job.model.variational:
             return None
@@ -495,7 +495,7 @@ class FusedGroup:
 
     @staticmethod
     def _write_history(job: _Job) -> None:
-        from vae_lightning.run import History
+        from vae_lightning.run.history import History
 
         history = History(job.output_dir / "history.csv")
         history.rows = job.rows

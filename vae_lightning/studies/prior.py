@@ -25,9 +25,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning import checkpoints, config
+from vae_lightning import config
 from vae_lightning.errors import ConfigError, check_float, check_int
 from vae_lightning.files import atomic_write
+from vae_lightning.run import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def fit_prior(
     """Fit the prior of the VQ-VAE at ``ckpt``; write the checkpoint with it; return its record."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from vae_lightning.evaluate import load_subject
+    from vae_lightning.evaluation.subject import load_subject
 
     epochs = check_int("epochs", epochs, 1)
     lr = check_float("lr", lr, 0.0, inclusive=False)

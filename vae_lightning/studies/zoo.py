@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from vae_lightning import config
 from vae_lightning.errors import check_int, check_names
 from vae_lightning.files import atomic_write_text
-from vae_lightning.report import fmt, md_row, pct
-from vae_lightning.reproduce import Result, Results, run_all
+from vae_lightning.studies.report import fmt, md_row, pct
+from vae_lightning.studies.reproduce import Result, Results, run_all
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ ENTRIES = {
 
 def fit_prior_once(prior_epochs: int, data_dir: Path) -> Any:
     """run_all's second stage: a VQ-VAE's prior fitted (prior.py), once per checkpoint."""
-    from vae_lightning.prior import fit_prior
+    from vae_lightning.studies.prior import fit_prior
 
     def stage_two(name: str, last: Path) -> Path:
         if "model=vq_vae" not in ENTRIES[name].overrides:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig
 from vae_lightning import config
 from vae_lightning.errors import ConfigError
 from vae_lightning.files import atomic_write_text
-from vae_lightning.report import fmt, md_row, pct, read_history
+from vae_lightning.studies.report import fmt, md_row, pct, read_history
 from vae_lightning.train import train
 
 log = logging.getLogger(__name__)

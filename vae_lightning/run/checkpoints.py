@@ -211,9 +211,9 @@ def check_fits(path: str | Path, model: torch.nn.Module, key: str = "resume") ->
 def load_model(path: Path, name: str, device: torch.device, key: str = "ckpt") -> Any:
     """``Cls.load_from_checkpoint`` of one of vae_lightning's models, in eval mode, or a clear
     error naming what does not fit."""
-    from vae_lightning import models
+    from vae_lightning.models import MODELS
 
-    cls = getattr(models, name)  # one of MODEL_CLASSES (model_class checked it)
+    cls = MODELS[name]  # one of MODEL_CLASSES (model_class checked it)
     try:
         model = cls.load_from_checkpoint(path, map_location=device, weights_only=True)
     except ConfigError as err:

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae_lightning.checkpoints import load_weights_only, torch_reason
-from vae_lightning.data import to_unit_float
+from vae_lightning.data.idx import to_unit_float
 from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.files import atomic_write, file_lock
-from vae_lightning.views import eval_mode
+from vae_lightning.models import eval_mode
+from vae_lightning.models.networks import ClassifierFeatures, FeatureClassifier
+from vae_lightning.run.checkpoints import load_weights_only, torch_reason
 
 log = logging.getLogger(__name__)
 
@@ -45,41 +46,6 @@ CLASSIFIER_MIN_ACCURACY = 0.80
 CLASSIFIER_SEED = 0
 # the vae-evaluate settings that a cached classifier's record holds under another name
 SETTINGS = {"epochs": "classifier_epochs", "max_steps": "classifier_max_steps"}
-
-
-class FeatureClassifier(nn.Module):
-    """A small CNN for 28x28 grey images; ``features(x)`` is its penultimate layer (B, 128).
-
-    Conv 32 -> pool -> Conv 64 -> pool -> Linear 128 (BatchNorm, ReLU), dropout, Linear to the
-    classes: about 4 M multiply-adds per image. Trained for the default 4 epochs on 2 CPU cores it
-    took 2 minutes on MNIST (99.4 % test accuracy) and 3 on Fashion-MNIST (91.6 %). Input: float
-    images in [0, 1], (B, 1, 28, 28).
-    """
-
-    def __init__(self, num_classes: int = 10, feature_dim: int = 128, in_channels: int = 1) -> None:
-        super().__init__()
-        self.feature_dim = feature_dim
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 64, 7, 7)
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, feature_dim),
-            nn.BatchNorm1d(feature_dim),
-            nn.ReLU(),
-        )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)  # (B, feature_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))  # (B, num_classes) logits
 
 
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -393,7 +359,7 @@ def classifier_of(
     are ``load_or_train_classifier``'s ``epochs``, ``max_steps``, ``retrain`` and
     ``min_accuracy`` (a cache trained otherwise, or a classifier below the floor, is refused)."""
     from vae_lightning.data import load_split
-    from vae_lightning.sources import get_spec
+    from vae_lightning.data.sources import get_spec
 
     raw = get_spec(dataset).raw_dir(data_dir)
     (train, train_labels), (test, test_labels) = load_split(raw, "train"), load_split(raw, "test")
@@ -403,33 +369,6 @@ def classifier_of(
     )  # fmt: skip
     path = classifier_path(data_dir, dataset, seed)
     return FIDClassifier(classifier, accuracy, train, test, seed, path)
-
-
-class ClassifierFeatures(nn.Module):
-    """A FeatureClassifier's ``features`` as a feature extractor: torchmetrics' for FID, and a
-    model's frozen one for its feature-matching loss (``dtype=None``).
-
-    Takes uint8 images in [0, 255] or float images in [0, 1], (B, 1, 28, 28); returns features
-    (B, num_features) in ``dtype`` (float64 by default, so that torchmetrics keeps its result
-    in float64; None: as computed). Always in eval mode (BatchNorm's running statistics, no
-    dropout), also inside a model that is training.
-    """
-
-    def __init__(
-        self, classifier: FeatureClassifier, dtype: torch.dtype | None = torch.float64
-    ) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.dtype = dtype
-        self.num_features = classifier.feature_dim  # read by FrechetInceptionDistance
-        self.train(False)  # from the start, not only once a model's .train() reaches it
-
-    def train(self, mode: bool = True) -> ClassifierFeatures:
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.classifier.features(_as_unit_float(x))
-        return features if self.dtype is None else features.to(self.dtype)
 
 
 @torch.no_grad()

@@ -1,0 +1,140 @@
+"""A run's record, ``metrics.json``: written over the run's life by ``RunRecord`` (on rank zero,
+atomically) and read back by anything that reports on runs; the one reader and writer of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from vae_lightning.errors import RunInterrupted
+from vae_lightning.files import atomic_write_json
+from vae_lightning.run.history import History
+
+log = logging.getLogger(__name__)
+
+
+class RunRecord:
+    """A run folder's ``metrics.json`` over the run's life, written atomically on rank zero.
+
+    Used as a context manager around the run: ``running`` on entry; on exit ``ok`` (after
+    ``finish``), ``failed`` (with the error) or ``interrupted`` (with the command that resumes
+    it), always with the timings. Holds the status, the final metrics, the key
+    hyper-parameters (``hparams``) and what callbacks contribute (their ``summary()``).
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.json"
+        self.data: dict[str, Any] = {"status": "running", "output_dir": str(self.output_dir)}
+        self.metrics: dict[str, float] = {}
+        self.history: History | None = None
+        self._t0 = time.perf_counter()
+
+    @staticmethod
+    def read(output_dir: Path) -> dict[str, Any] | None:
+        """The folder's metrics.json, or None when it has none (or an unreadable one)."""
+        try:
+            record = json.loads((Path(output_dir) / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    @staticmethod
+    def finished(output_dir: Path) -> dict[str, Any] | None:
+        """The folder's metrics.json when it records a finished run, else None."""
+        record = RunRecord.read(output_dir)
+        return record if record is not None and record.get("status") == "ok" else None
+
+    def __enter__(self) -> RunRecord:
+        self._t0 = time.perf_counter()
+        self._write()
+        return self
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: Any) -> bool:
+        if isinstance(err, RunInterrupted):
+            from vae_lightning.config import resume_command
+
+            self.data.update(
+                status="interrupted",
+                error=f"RunInterrupted: {err}",
+                resume=resume_command(self.output_dir),
+            )
+        elif err is not None:
+            self.data.update(status="failed", error=self._describe(err))
+        self.data["time/total_s"] = time.perf_counter() - self._t0
+        if self.history is not None:
+            self.data["time/epoch_s_median"] = self.history.median_epoch_s()
+            self.data["time/epoch_s"] = self.history.epoch_times
+            self.data["time/first_step_unix"] = self.history.first_step_unix
+        self._write()
+        return False
+
+    @classmethod
+    def failed_to_start(cls, output_dir: Path, err: BaseException) -> None:
+        """Record a run that failed before it started (a bad value found while building it)."""
+        record = cls(output_dir)
+        record.data.update(status="failed", error=record._describe(err))
+        record._write()
+
+    def _describe(self, err: BaseException) -> str:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            from vae_lightning.config import resume_command
+
+            saved = (self.output_dir / "checkpoints" / "last.ckpt").is_file()
+            kept = "earlier checkpoints are intact" if saved else "no checkpoint was saved yet"
+            then = "resume" if saved else "start it again in this folder"
+            message = (
+                f"disk full while writing ({err}); {kept}. Free space, then {then}: "
+                f"{resume_command(self.output_dir)}"
+            )
+            log.error("%s", message)
+            return message
+        return f"{type(err).__name__}: {err}"
+
+    def add_metrics(self, metrics: dict[str, Any]) -> None:
+        """Epoch-level ``stage/name`` values (``trainer.callback_metrics``) as floats."""
+        epoch_level = (
+            k for k in sorted(metrics)
+            if "/" in k and not k.endswith("_step") and not k.startswith("time/")
+        )  # fmt: skip
+        self.metrics.update({k: float(metrics[k]) for k in epoch_level})
+
+    def add_summaries(self, callbacks: list[L.Callback]) -> None:
+        """What callbacks measured at the end of fit (probe, collapse, their timings)."""
+        for cb in callbacks:
+            summary = dict(cb.summary()) if callable(getattr(cb, "summary", None)) else {}
+            self.metrics.update(summary.pop("metrics", {}))
+            for key, value in summary.items():
+                if isinstance(value, dict) and isinstance(self.data.get(key), dict):
+                    self.data[key].update(value)
+                else:
+                    self.data[key] = value
+
+    def finish(self, **fields: Any) -> None:
+        self.data.update(fields, status="ok", metrics=dict(sorted(self.metrics.items())))
+
+    def metric(self, key: str | None) -> float | None:
+        return self.metrics.get(key or "")
+
+    @rank_zero_only
+    def _write(self) -> None:
+        clean = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.data.items()
+        }
+        atomic_write_json(self.path, clean)
+
+
+def log_hparams(trainer: L.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """TensorBoard's hparams view with the real final metrics (Lightning's own call logs -1)."""
+    for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+        tb.log_hyperparams(hparams, {f"hp/{k}": v for k, v in metrics.items()})
