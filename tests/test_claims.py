@@ -13,7 +13,7 @@ from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.evaluate import prepare_classifiers
 from vae_lightning.studies.claims import Claim, judge, main, spread
-from vae_lightning.studies.report import fmt
+from vae_lightning.studies.markdown import fmt
 from vae_lightning.studies.reproduce import Result
 from vae_lightning.train import train as train_run
 

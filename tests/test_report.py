@@ -1,4 +1,5 @@
-"""report.py on hand-made run folders with known numbers: CSV rows, REPORT.md, PNGs, the CLI."""
+"""vae-report (runs.py, plots.py, report.py) on hand-made run folders with known numbers: CSV
+rows, REPORT.md, PNGs, the CLI."""
 
 from __future__ import annotations
 
@@ -14,13 +15,8 @@ import pytest
 
 from tests.conftest import run_here
 from vae_lightning.studies import report
-from vae_lightning.studies.report import (
-    SUMMARY_COLUMNS,
-    collect_runs,
-    main,
-    metric_grid,
-    write_report,
-)
+from vae_lightning.studies.report import main, write_report
+from vae_lightning.studies.runs import SUMMARY_COLUMNS, collect_runs, metric_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, run_here
-from vae_lightning.studies.report import fmt, pct
+from vae_lightning.studies.markdown import fmt, pct
 from vae_lightning.studies.zoo import main
 
 

@@ -1,5 +1,6 @@
 """A run's record, ``metrics.json``: written over the run's life by ``RunRecord`` (on rank zero,
-atomically) and read back by anything that reports on runs; the one reader and writer of it.
+atomically) and read back by anything that reports on runs (``RunRecord.parse`` / ``load`` /
+``read``); the one reader and writer of it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from vae_lightning.run.history import History
 
 log = logging.getLogger(__name__)
 
+# The durations a record holds, in seconds: fit, the median epoch and the whole run.
+TIMING_KEYS = ("time/fit_s", "time/epoch_s_median", "time/total_s")
+
+
+def json_number(value: Any) -> float | None:
+    """A JSON number as float (NaN kept: a diverged run says so), else None (bools too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
 
 class RunRecord:
     """A run folder's ``metrics.json`` over the run's life, written atomically on rank zero.
@@ -40,20 +51,76 @@ class RunRecord:
         self.history: History | None = None
         self._t0 = time.perf_counter()
 
+    @classmethod
+    def parse(cls, output_dir: Path) -> RunRecord:
+        """The folder's metrics.json as a record to read (nothing is written): ``data`` as
+        parsed, ``metrics`` its numbers, and the properties below.
+
+        Raises:
+            OSError: the folder has no metrics.json, or it cannot be read.
+            ValueError: it is not valid JSON (``JSONDecodeError``) or not UTF-8.
+            TypeError: its JSON is not an object.
+        """
+        record = cls(output_dir)
+        data = json.loads(record.path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"metrics.json holds a {type(data).__name__}, not an object")
+        metrics = data.get("metrics")
+        record.data = data
+        record.metrics = {
+            k: x
+            for k, v in (metrics if isinstance(metrics, dict) else {}).items()
+            if (x := json_number(v)) is not None
+        }
+        return record
+
+    @classmethod
+    def load(cls, output_dir: Path) -> RunRecord | None:
+        """``parse``'s record, or None when the folder has no readable metrics.json."""
+        try:
+            return cls.parse(output_dir)
+        except (OSError, ValueError, TypeError):
+            return None
+
     @staticmethod
     def read(output_dir: Path) -> dict[str, Any] | None:
         """The folder's metrics.json, or None when it has none (or an unreadable one)."""
-        try:
-            record = json.loads((Path(output_dir) / "metrics.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+        record = RunRecord.load(output_dir)
+        return None if record is None else record.data
 
     @staticmethod
     def finished(output_dir: Path) -> dict[str, Any] | None:
         """The folder's metrics.json when it records a finished run, else None."""
         record = RunRecord.read(output_dir)
         return record if record is not None and record.get("status") == "ok" else None
+
+    # What a parsed record says, absent or ill-typed values as None or empty.
+
+    @property
+    def status(self) -> str:
+        """As written ("running", "ok", "failed", "interrupted"); "unknown" when it names none."""
+        status = self.data.get("status")
+        return status if isinstance(status, str) else "unknown"
+
+    @property
+    def error(self) -> str | None:
+        error = self.data.get("error")
+        return None if error is None else str(error)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        hparams = self.data.get("hparams")
+        return hparams if isinstance(hparams, dict) else {}
+
+    @property
+    def epochs(self) -> int | None:
+        epochs = self.data.get("epochs")
+        return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The durations (``TIMING_KEYS``) the record holds, in seconds."""
+        return {k: x for k in TIMING_KEYS if (x := json_number(self.data.get(k))) is not None}
 
     def __enter__(self) -> RunRecord:
         self._t0 = time.perf_counter()

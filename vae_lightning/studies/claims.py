@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from vae_lightning import config
 from vae_lightning.errors import check_float, check_int, check_names
 from vae_lightning.files import atomic_write_text
-from vae_lightning.studies.report import fmt, md_row, pct
+from vae_lightning.studies.markdown import fmt, md_row, pct
 from vae_lightning.studies.reproduce import Result, Results, run_all
 
 log = logging.getLogger(__name__)
