@@ -15,8 +15,8 @@ import lightning as L
 import torch
 
 from vae_lightning.data.batches import InMemoryBatches
-from vae_lightning.data.idx import load_split, to_unit_float
-from vae_lightning.data.sources import ensure_dataset, get_spec
+from vae_lightning.data.idx import idx_shape, load_split, to_unit_float
+from vae_lightning.data.sources import SPLIT_FILES, ensure_dataset, get_spec
 from vae_lightning.errors import ConfigError, check_choice, check_int
 
 BINARIZE = ("none", "dynamic", "static")
@@ -79,7 +79,7 @@ class IDXDataModule(L.LightningDataModule):
         self.binarize, self.seed = binarize, seed
         self.download, self.verify = download, verify
         self.on_device = bool(on_device)
-        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._train_loader: InMemoryBatches | None = None
 
     @property
@@ -94,37 +94,51 @@ class IDXDataModule(L.LightningDataModule):
         sources = ("present", "torchvision", "offline") if self.download else ("present",)
         ensure_dataset(self.dataset_name, self.data_dir, sources=sources, verify=self.verify)
 
+    @property
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``train``, ``val`` and ``test``: images (N, 1, H, W) uint8 and labels (N,), read on
+        first use (a run resumed at its end that draws no pictures and runs no test reads none)."""
+        if not self._splits:
+            self._splits = self._load()
+        return self._splits
+
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        train_x, train_y = load_split(self.raw_dir, "train")
-        test_x, test_y = load_split(self.raw_dir, "test")
-        if tuple(train_x.shape[1:]) != self.image_shape:
+        """Check the settings against the training images' header (their count and shape);
+        ``splits`` reads the files when first asked for them."""
+        if not self._splits:
+            self._check(idx_shape(self.raw_dir / SPLIT_FILES["train_images"]))
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        """``shape``: the training images' (N, H, W), against image_shape and val_size."""
+        if tuple(shape[1:]) != self.image_shape[1:] or self.image_shape[0] != 1:
             raise ConfigError(
                 "image_shape",
                 f"is {list(self.image_shape)} but {self.raw_dir} holds images of shape "
-                f"{list(train_x.shape[1:])}",
+                f"{[1, *shape[1:]]}",
             )
+        if not self.val_on_test and self.val_size >= shape[0]:
+            raise ConfigError(
+                "val_size", f"must be < {shape[0]} (the training set), got {self.val_size}"
+            )
+
+    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        train_x, train_y = load_split(self.raw_dir, "train")
+        test_x, test_y = load_split(self.raw_dir, "test")
+        self._check((len(train_x), *train_x.shape[2:]))
         if self.binarize == "static":
             # One fixed Bernoulli draw per image, seeded; kept as uint8 0/255.
             g = torch.Generator().manual_seed(self.seed + 1)
             train_x = _bernoulli_uint8(train_x, g)
             test_x = _bernoulli_uint8(test_x, g)
         if self.val_on_test:
-            self.splits = {"train": (train_x, train_y), "val": (test_x, test_y)}
+            splits = {"train": (train_x, train_y), "val": (test_x, test_y)}
         else:
-            if self.val_size >= len(train_x):
-                raise ConfigError(
-                    "val_size", f"must be < {len(train_x)} (the training set), got {self.val_size}"
-                )
             perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
             tr, va = perm[self.val_size :], perm[: self.val_size]
-            self.splits = {"train": (train_x[tr], train_y[tr]), "val": (train_x[va], train_y[va])}
-        self.splits["test"] = (test_x, test_y)
+            splits = {"train": (train_x[tr], train_y[tr]), "val": (train_x[va], train_y[va])}
+        return {**splits, "test": (test_x, test_y)}
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> InMemoryBatches:
-        if not self.splits:
-            self.setup()
         x, y = self.splits[split]
         trainer = self.trainer
         if self.on_device and trainer is not None and trainer.strategy.root_device.type != "cpu":

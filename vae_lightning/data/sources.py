@@ -22,6 +22,7 @@ import codecs
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -40,7 +41,7 @@ from omegaconf import DictConfig, ListConfig
 
 from vae_lightning.config import tool_main
 from vae_lightning.errors import ConfigError, DataError, check_path
-from vae_lightning.files import atomic_write, file_lock
+from vae_lightning.files import atomic_write, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,31 @@ def missing_files(spec: DatasetSpec, data_dir: str | Path) -> list[str]:
     return [name for name in spec.md5 if not (raw / name).is_file()]
 
 
+# The files whose md5 was checked, by their size and modification time: a file unchanged
+# since is not read again (hashing MNIST's 55 MB took 70 ms of every run's start on 2 cores)
+VERIFIED = ".verified.json"
+
+
 def verify_present(spec: DatasetSpec, data_dir: str | Path) -> None:
+    """Check every raw file's md5 (a DataError names the first that differs), reading only
+    the files changed since they were last checked (``VERIFIED``)."""
     raw = spec.raw_dir(data_dir)
+    try:
+        stamps = json.loads((raw / VERIFIED).read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    fresh = {}
     for name, md5 in spec.md5.items():
-        verify_file(raw / name, md5)
+        stat = (raw / name).stat()
+        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "md5": md5}
+        if stamps.get(name) != stamp:
+            verify_file(raw / name, md5)
+        fresh[name] = stamp
+    if fresh != stamps:
+        try:  # a folder that cannot be written checks its files every time
+            atomic_write_text(raw / VERIFIED, json.dumps(fresh, indent=1, sort_keys=True))
+        except OSError:
+            pass
 
 
 def _install(files: dict[str, bytes], spec: DatasetSpec, data_dir: str | Path) -> None:
