@@ -1,4 +1,4 @@
-"""The stacked step (fused.py): jobs trained as one stack are the jobs trained alone."""
+"""The stack (training.stack): jobs trained as one stacked model are the jobs trained alone."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def batches(n_jobs: int, steps: int, size: int = 16) -> torch.Tensor:
     """A different batch per job and step, as each job's own seed would order its data."""
     g = torch.Generator().manual_seed(123)
     return torch.rand(steps, n_jobs, size, 1, 28, 28, generator=g)
+
+
+def step(stack: Stack, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One Adam step of every job on its own batch, as the stack's Trainer takes it (the sum
+    of the objectives: each job's gradient is its own); their terms before the step."""
+    if not hasattr(stack, "_adam"):
+        stack._adam = stack.configure_optimizers()
+    out = stack.terms(x, stack.draw_noise(x.size(1)))
+    stack._adam.zero_grad()
+    out.get("objective", out["loss"]).sum().backward()
+    stack._adam.step()
+    return {k: v.detach() for k, v in out.items()}
 
 
 def train_alone(model, xs: torch.Tensor, seed: int) -> list[float]:
@@ -54,10 +66,10 @@ def test_a_stacked_job_trains_exactly_as_the_job_alone(case):
     stack = Stack([build(kind, 10 + j, **hp) for j, hp in enumerate(hps)])
     expected = [train_alone(m, xs[:, j], seed=100 + j) for j, m in enumerate(alone)]
 
-    generators = [torch.Generator().manual_seed(100 + j) for j in range(len(hps))]
+    stack.generators = [torch.Generator().manual_seed(100 + j) for j in range(len(hps))]
     stacked = []
     for x in xs:
-        stacked.append(stack.step(x, stack.draw_noise(generators, x.size(1)))["loss"].tolist())
+        stacked.append(step(stack, x)["loss"].tolist())
     # the same losses at every step (float rounding only: a padded matmul sums in another order)
     for j in range(len(hps)):
         got = [row[j] for row in stacked]
@@ -80,13 +92,13 @@ def test_padding_stays_zero_and_unstacking_an_untrained_stack_gives_each_job_bac
         back = stack.unstack(j).state_dict()
         assert all(torch.equal(back[k], v) for k, v in job.state_dict().items())
     xs = batches(2, 3)
-    generators = [torch.Generator().manual_seed(j) for j in range(2)]
     for x in xs:
-        stack.step(x, stack.draw_noise(generators, x.size(1)))
-    last = stack.params["encoder.net.3.weight"][0]  # job 0 (latent 2) in a stack of latent 7
+        step(stack, x)
+    params = stack.stacked()[0]
+    last = params["encoder.net.3.weight"][0]  # job 0 (latent 2) in a stack of latent 7
     rows = torch.cat([last[2:7], last[9:14]])  # mu and logvar rows beyond its 2 dimensions
     assert torch.count_nonzero(rows) == 0
-    assert torch.count_nonzero(stack.params["decoder.net.0.weight"][0][:, 2:]) == 0
+    assert torch.count_nonzero(params["decoder.net.0.weight"][0][:, 2:]) == 0
     assert torch.count_nonzero(last[:2]) > 0  # while its own rows trained
 
 

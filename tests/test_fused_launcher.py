@@ -17,14 +17,8 @@ from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import REPO_ROOT, run_here, run_multirun, small_overrides
 from vae_lightning.config import compose
-from vae_lightning.sweeps.fused import (
-    FusedGroup,
-    group_key,
-    loops_state,
-    spread_stacks,
-    stack_devices,
-    why_not_fused,
-)
+from vae_lightning.sweeps.fused import group_key, why_not_fused
+from vae_lightning.sweeps.stacked import train_group
 from vae_lightning.train import train
 
 # a small, fast grid on the synthetic data: 8 training batches of 64 per epoch
@@ -34,8 +28,8 @@ GRID = [
     "model.hidden_dim=32", "callbacks.latent_probe.max_train=200", "callbacks=default",
     "trainer.log_every_n_steps=4", "model.latent_dim=2,4", "model.beta=4",
 ]  # fmt: skip
-# the fused launcher's grid: GRID's 2 jobs and 2 more, as two stacks in two processes at once
-FUSED = ["hydra/launcher=fused", "model.beta=1,4", "hydra.launcher.n_jobs=2"]
+# the fused launcher's grid: GRID's 2 jobs and 2 more, as one stack in the launcher's process
+FUSED = ["hydra/launcher=fused", "model.beta=1,4"]
 
 
 def history(folder: Path) -> list[dict[str, float]]:
@@ -75,7 +69,7 @@ def sweep(data_dir: Path, out: Path, *args: str, status: int = 0) -> subprocess.
 @pytest.fixture(scope="module")
 def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
     """GRID (2 jobs: latent_dim 2 and 4 at beta 4) through the basic launcher, and GRID with
-    beta 1 too (4 jobs) through the fused launcher, its two stacks in two processes."""
+    beta 1 too (4 jobs) through the fused launcher, as one stack."""
     root = tmp_path_factory.mktemp("fused")
     out = {"basic": root / "basic", "fused": root / "fused"}
     sweep(data_dir, out["basic"])
@@ -88,15 +82,14 @@ def sweeps(data_dir, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_a_fused_sweep_trains_its_stacks_at_once_and_each_job_is_the_job_trained_alone(sweeps):
-    assert "fused launcher: 4 jobs; stacks of 2, 2; 0 alone" in sweeps["log"]
-    assert "2 stacks trained on 2 devices at once" in sweeps["log"]
-    assert sweeps["log"].count("stack of 2 jobs trained in") == 2  # this process and another
+def test_a_fused_sweep_trains_one_stack_and_each_job_is_the_job_trained_alone(sweeps):
+    assert "fused launcher: 4 jobs; stacks of 4; 0 alone" in sweeps["log"]
+    assert sweeps["log"].count("stack 1 of 1: trained in") == 1
     basic, fused = records(sweeps["basic"]), records(sweeps["fused"])
     assert set(basic) < set(fused) and len(basic) == 2 and len(fused) == 4
     assert {r["status"] for r in fused.values()} == {"ok"}
     for name in basic:
-        assert fused[name]["fused"]["jobs"] == 2  # the group it trained in, and its timings
+        assert fused[name]["fused"]["jobs"] == 4  # the group it trained in, and its timings
         assert fused[name]["time/fit_s"] >= fused[name]["fused"]["fit_share_s"] > 0
         (a,) = sweeps["basic"].glob(f"*_{name}")
         (b,) = sweeps["fused"].glob(f"*_{name}")
@@ -154,14 +147,14 @@ def test_a_fused_jobs_checkpoint_evaluates_to_its_recorded_test_loss(sweeps):
 
 @pytest.mark.slow
 def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir, tmp_path, sweeps):
-    """The signal reaches the stacks of both processes: every job is interrupted, and the
-    resume command finishes each (here alone: no job had trained yet)."""
+    """The signal stops the stack: every job is interrupted, and the resume command finishes
+    each (here alone, from what its folder holds)."""
     out = tmp_path / "sweep"
     args = ["-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *GRID, *FUSED]
     proc = subprocess.Popen([sys.executable, "-m", "vae_lightning.train", *args], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    for line in proc.stdout:  # the stacks are about to start (the handler is in place)
-        if "stacks of 2 (#2, #3)" in line:
+    for line in proc.stdout:  # the stack is about to start (the handler is in place)
+        if "stack 1 of 1: 4 jobs" in line:
             proc.send_signal(signal.SIGTERM)
             break
     stderr = proc.communicate(timeout=120)[1]
@@ -180,17 +173,17 @@ def test_sigterm_stops_a_fused_sweep_and_its_resume_command_finishes_it(data_dir
 
 def signal_at_step(monkeypatch, n: int) -> None:
     """The stack's ``n``-th step sends this process SIGTERM (as a scheduler would)."""
-    from vae_lightning.training import stack as fused
+    from vae_lightning.training.stack import Stack
 
-    step, calls = fused.Stack.step, []
+    step, calls = Stack.training_step, []
 
-    def signalling(self, xs, noise):
+    def signalling(self, batch, batch_idx):
         calls.append(1)
         if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, xs, noise)
+        return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(fused.Stack, "step", signalling)
+    monkeypatch.setattr(Stack, "training_step", signalling)
 
 
 def test_a_stack_stopped_by_sigterm_resumes_job_by_job_as_if_never_stopped(
@@ -209,11 +202,11 @@ def test_a_stack_stopped_by_sigterm_resumes_job_by_job_as_if_never_stopped(
     signal_at_step(monkeypatch, 12)  # epoch 1 (8 batches per epoch)
     stacked = [cfg(tmp_path / f"stack{beta}", beta) for beta in (1, 4)]
     with pytest.raises(RunInterrupted):
-        FusedGroup(stacked, [Path(c.paths.output_dir) for c in stacked]).run()
+        train_group(stacked, [Path(c.paths.output_dir) for c in stacked])
     monkeypatch.undo()
     for c, beta in zip(stacked, (1, 4), strict=True):
         last = torch.load(Path(c.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=False)
-        assert (last["epoch"], last["global_step"]) == (0, 7)  # epoch 0, before its last batch
+        assert (last["epoch"], last["global_step"]) == (1, 12)  # where the stack stopped
         with open_dict(c):
             c.resume = True
         train(c)
@@ -269,63 +262,6 @@ def test_on_a_gpu_machine_the_stack_waits_for_hydra_launcher_gpu(monkeypatch, tm
     assert "no CUDA GPU is here" in why_not_fused(cfg, gpu=True)
 
 
-def test_stacks_spread_over_every_device_a_group_cut_to_give_each_one_work():
-    # the 20-job grid on 2 CPU shares: two stacks of 10
-    assert spread_stacks([list(range(20))], [1.0] * 20, 2) == [[list(range(10))],
-                                                              [list(range(10, 20))]]  # fmt: skip
-    # on 8 GPUs: 8 stacks of 2 or 3 jobs, one per GPU, every job once
-    slots = spread_stacks([list(range(20))], [1.0] * 20, 8)
-    assert [len(slot) for slot in slots] == [1] * 8
-    assert sorted(len(slot[0]) for slot in slots) == [2, 2, 2, 2, 3, 3, 3, 3]
-    assert sorted(i for slot in slots for i in slot[0]) == list(range(20))
-    # no stack below 2 jobs: 3 jobs stay one stack, the second device idle
-    assert spread_stacks([[0, 1, 2]], [1.0] * 3, 2) == [[[0, 1, 2]], []]
-    # whole groups by their work (epochs): the heaviest first, to the least loaded device
-    groups, weights = [[0, 1], [2, 3], [4, 5]], [5.0, 5.0, 1.0, 1.0, 1.0, 1.0]
-    assert spread_stacks(groups, weights, 2) == [[[0, 1]], [[2, 3], [4, 5]]]
-    assert spread_stacks(groups, weights, 1) == [[[0, 1], [2, 3], [4, 5]]]
-
-
-def test_stacks_train_on_every_gpu_or_on_shares_of_the_cpu():
-    assert stack_devices(True, 4, 16) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    assert stack_devices(True, 1, 16) == ["cuda:0"]
-    assert stack_devices(False, 4, 2) == ["cpu", "cpu"]
-    assert stack_devices(False, 0, 1) == ["cpu"]
-
-
-def test_the_stacks_checkpoint_loop_state_is_lightnings(data_dir, tmp_path):
-    """Compared key by key with what Lightning saves when a run stops in on_train_batch_end
-    (StopOnSignal's checkpoint), at the points the fused loop writes them."""
-    import lightning as L
-
-    from vae_lightning.data import MNISTDataModule
-    from vae_lightning.models import VAE
-
-    n_train, n_val = 4, 3
-    points = {(0, 3), (1, 3), (1, 4), (2, 2)}
-    saved: dict[tuple[int, int], dict] = {}
-
-    class Grab(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if (key := (trainer.current_epoch, batch_idx + 1)) in points:
-                trainer.save_checkpoint(tmp_path / "c.ckpt", weights_only=False)
-                saved[key] = torch.load(tmp_path / "c.ckpt", weights_only=False)["loops"]
-
-    trainer = L.Trainer(
-        max_epochs=3, limit_train_batches=n_train, limit_val_batches=n_val, callbacks=[Grab()],
-        logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    data = MNISTDataModule(data_dir=str(data_dir), verify=False, download=False, val_size=256,
-                           batch_size=32)  # fmt: skip
-    from vae_lightning.training import AutomaticStep
-
-    trainer.fit(AutomaticStep().bind(VAE(latent_dim=2, hidden_dim=8)), datamodule=data)
-    assert set(saved) == points
-    for (epoch, done), real in saved.items():
-        assert loops_state(epoch, done, n_train, n_val if epoch else 0) == real, (epoch, done)
-
-
 MODELS = {
     "vae": ["model=vae", "model.hidden_dim=32"],
     "ae": ["model=ae", "model.hidden_dim=32"],
@@ -349,7 +285,7 @@ def test_a_job_trained_in_a_stack_is_the_job_trained_alone(kind, data_dir, tmp_p
     for n, job in enumerate(jobs):
         train(cfg(job, tmp_path / f"alone{n}"))
     stacked = [cfg(job, tmp_path / f"stack{n}") for n, job in enumerate(jobs)]
-    assert FusedGroup(stacked, [Path(c.paths.output_dir) for c in stacked]).run() == []
+    assert train_group(stacked, [Path(c.paths.output_dir) for c in stacked]) == []
     for n, c in enumerate(stacked):
         with open_dict(c):
             c.resume = True
@@ -369,18 +305,15 @@ def test_a_job_whose_loss_turns_non_finite_leaves_the_stack_and_the_others_go_on
     """Job 1's weights are poisoned after its 3rd step: the stack drops it at the next one (it
     then goes on alone from its last good checkpoint, where a real NaN recurs and fails it as
     a job alone fails); job 0 trains on exactly as it trains alone."""
-    from vae_lightning.training import stack as fused
+    from vae_lightning.training.stack import Stack
 
-    step = fused.Stack.step
     calls = []
 
-    def poisoned(self, xs, noise):
-        out = step(self, xs, noise)
-        calls.append(len(self))
+    def poisoned(self, outputs, batch, batch_idx):  # after the step's backward and Adam
+        calls.append(list(self.alive))
         if len(calls) == 3:
             with torch.no_grad():
-                self.params["decoder.net.0.weight"][1].fill_(math.nan)
-        return out
+                self.stacked()[0]["decoder.net.0.weight"][1].fill_(math.nan)
 
     def cfg(folder: Path, beta: int):
         composed = compose([*small_overrides(data_dir, folder), "model.hidden_dim=32",
@@ -389,10 +322,10 @@ def test_a_job_whose_loss_turns_non_finite_leaves_the_stack_and_the_others_go_on
         return OmegaConf.create(OmegaConf.to_container(composed, resolve=True))
 
     train(cfg(tmp_path / "alone", 1))
-    monkeypatch.setattr(fused.Stack, "step", poisoned)
+    monkeypatch.setattr(Stack, "on_train_batch_end", poisoned, raising=False)
     stacked = [cfg(tmp_path / "stack0", 1), cfg(tmp_path / "stack1", 4)]
-    assert FusedGroup(stacked, [tmp_path / "stack0", tmp_path / "stack1"]).run() == [1]
-    assert calls[:4] == [2, 2, 2, 2] and set(calls[4:]) == {1}  # a stack of one from step 5
+    assert train_group(stacked, [tmp_path / "stack0", tmp_path / "stack1"]) == [1]
+    assert calls[:3] == [[True, True]] * 3 and calls[3:] == [[True, False]] * (len(calls) - 3)
     assert not (tmp_path / "stack1" / "checkpoints").exists()  # dropped before its first one
     with open_dict(stacked[0]):
         stacked[0].resume = True
@@ -406,7 +339,6 @@ def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
     from hydra_plugins.vae_lightning_fused.fused_launcher import FusedLauncher
 
     bad = [({"max_group": v}, "max_group must be a number of jobs >= 1") for v in (0, -1, True)]
-    bad += [({"n_jobs": v}, "n_jobs must be -1 (one process per core)") for v in (0, -2, 1.5)]
     bad += [({"gpu": "yes"}, "gpu must be true or false")]
     for kwargs, message in bad:
         with pytest.raises(SystemExit) as info:
@@ -414,4 +346,4 @@ def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: hydra.launcher.{message}") and err.count("\n") == 1
-    assert FusedLauncher(max_group=None, n_jobs=3).n_jobs == 3
+    assert FusedLauncher(max_group=3).max_group == 3

@@ -96,8 +96,9 @@ def _target_name(target: Any, key: str, allowed: Sequence[str], path: Path) -> s
 
 
 def _as_saved(key: str, value: Any) -> Any:
-    """A model config value as the model saves it: schedules are normalised (``none`` and a
-    constant KL weight without free bits are saved as None)."""
+    """A model config value as a bound step saves it: schedules are normalised (``none`` and
+    a constant KL weight without free bits are saved as None), so a checkpoint whose model was
+    never bound to a step (a stack's job) compares as one whose model was."""
     from vae_lightning.training.schedules import check_kl, check_scheduler
 
     normalise = {"scheduler": check_scheduler, "kl": check_kl}.get(key)
@@ -118,7 +119,7 @@ def _check_run_matches(cfg: Any, path: Path, name: str, checkpoint: dict, ckpt: 
     differ = {
         key: (model_cfg[key], value)
         for key, value in (checkpoint.get("hyper_parameters") or {}).items()
-        if key in model_cfg and _as_saved(key, model_cfg[key]) != plain(value)
+        if key in model_cfg and _as_saved(key, model_cfg[key]) != _as_saved(key, value)
     }
     if differ:
         detail = ", ".join(f"{k}: config {c!r} vs checkpoint {v!r}" for k, (c, v) in differ.items())

@@ -22,16 +22,26 @@ class History(L.Callback):
     ``time/epoch_s`` is the wall time of the training batches of an epoch (validation excluded),
     ``time/val_s`` that of its validation. Written to ``path`` after every epoch, so a killed run
     keeps the epochs it finished. The run's one CSV of metrics.
+
+    For one job of a stack trained as one module (``sweeps.stacked``): ``prefix`` selects the
+    job's metrics (``job3/val/loss`` is its ``val/loss``), and ``share`` is the job's share of
+    the stack's wall time.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, prefix: str = "", share: float = 1.0) -> None:
         self.path = Path(path)
+        self.prefix, self.share = prefix, share
         self.rows: list[dict[str, float]] = []
         self.first_step_unix: float | None = None
         self._t0 = self._t_val = 0.0
         self._train_s = self._val_s = math.nan
         self._carried = 0.0  # training seconds of this epoch spent before a resume
         self._fitting = True
+
+    @property
+    def state_key(self) -> str:
+        # a run's checkpoints name it History; a stack holds one per job
+        return f"History[{self.prefix}]" if self.prefix else "History"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning restores callbacks after setup, for a test from a checkpoint as well: only
@@ -64,10 +74,13 @@ class History(L.Callback):
             self._train_s = time.perf_counter() - self._t0
         row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key, value in sorted(trainer.callback_metrics.items()):
+            if not key.startswith(self.prefix):
+                continue
+            key = key[len(self.prefix) :]
             if "/" in key and not key.endswith("_step"):  # epoch-level stage/name metrics
                 row[key] = float(value)
-        row["time/epoch_s"] = self._train_s
-        row["time/val_s"] = self._val_s
+        row["time/epoch_s"] = self._train_s * self.share
+        row["time/val_s"] = self._val_s * self.share
         self.rows.append(row)
         self._write()
 
@@ -75,7 +88,8 @@ class History(L.Callback):
     # does the training time of an epoch saved part-way (epoch_s), which the resumed epoch adds
     def state_dict(self) -> dict[str, Any]:
         in_epoch = self._t0 and math.isnan(self._train_s)
-        return {"rows": self.rows, "epoch_s": time.perf_counter() - self._t0 if in_epoch else 0.0}
+        epoch_s = (time.perf_counter() - self._t0) * self.share if in_epoch else 0.0
+        return {"rows": self.rows, "epoch_s": epoch_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._fitting:
