@@ -118,3 +118,30 @@ def test_torch_reason_drops_torch_advice():
         "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
         "directory"
     )
+
+
+PRE_FLOORS = Path(__file__).parent / "fixtures" / "pre_floors"
+
+
+@pytest.mark.parametrize("name", ["vae", "ae", "conv_vae", "cvae", "hvae", "vq_vae"])
+def test_checkpoints_written_before_the_floors_load_and_evaluate_as_they_did(name, tmp_path):
+    """Each model's checkpoint written by the code before the package was split (9857f7e,
+    fixtures/pre_floors/README.md) evaluates to the test terms that code measured."""
+    import json
+    import shutil
+
+    from tests.conftest import write_synthetic
+    from vae_lightning.evaluate import evaluate
+    from vae_lightning.models import MODELS
+
+    run = tmp_path / name
+    shutil.copytree(PRE_FLOORS / name, run)
+    data = write_synthetic(tmp_path / "data")
+    result = evaluate(run / "checkpoints" / "last.ckpt", data_dir=data, k=1, n_fid=0,
+                      batch_size=128)  # fmt: skip
+    expected = json.loads((PRE_FLOORS / "expected.json").read_text())[name]
+    assert set(expected) <= set(result["metrics"])
+    for key, value in expected.items():
+        assert result["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    model = MODELS[result["model"]].load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert model.latent_dim == 3
