@@ -69,9 +69,10 @@ test: install ## run the test suite (slow tests included; 10 minutes on 2 slow C
 test-fast: install ## the test suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-lint: install ## ruff lint and format check
+lint: install ## ruff lint and format check, and the floors' import contract (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install ## ruff: fix what it can and format
 	$(BIN)/ruff check --fix .

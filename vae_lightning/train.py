@@ -1,8 +1,9 @@
 """The one training entry point: ``python -m vae_lightning.train [overrides]`` (``vae-train``).
 
 Wiring only: check, seed, instantiate, fit, test, record. Single runs and multiruns (``-m``)
-alike; CPU or GPU by ``trainer.accelerator``. The run record is ``run``, the run folder's
-rules ``run_folder``, the Hydra glue ``config``, checkpoint checks ``checkpoints``.
+alike; CPU or GPU by ``trainer.accelerator``. The run's record, history, folder rules, stops
+and checkpoints are the ``run`` floor's, the step that trains the model ``training``'s, the
+Hydra glue ``config``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def train(cfg: DictConfig) -> float | None:
     config.check_run_config(cfg)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from vae_lightning.run.folder import claim_folder
+    from vae_lightning.run.folder import check_writable, claim_folder
     from vae_lightning.run.record import RunRecord
 
     output_dir = Path(cfg.paths.output_dir)
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> float | None:
         config.detach_folder_log(output_dir)  # a finished run's folder is left as it is
         log.info("already finished, skipped (resume=true): %s", output_dir)
         return done.get("metrics", {}).get(cfg.get("optimized_metric") or "")
-    _check_writable(output_dir)
+    check_writable(output_dir)
     with claim_folder(output_dir, cfg.get("resume"), rank=rank_zero_only.rank):
         config.route_lightning_logs()
         config.set_torch_threads(cfg.get("threads"))
@@ -56,14 +57,18 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
 
     from vae_lightning.run.checkpoints import check_fits
     from vae_lightning.run.folder import check_resume, resume_checkpoint
+    from vae_lightning.training import attach
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = config.instantiate(cfg.data, "data")
     model = config.instantiate(cfg.model, "model")
-    _attach_step(model)
+    attach(model)  # the step that trains it; it checks the model's schedules
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if getattr(model, "feature_net", None) is not None and ckpt_path is None:
-        _load_feature_classifier(model, datamodule)  # a resumed run has it in its checkpoint
+        from vae_lightning.evaluation.fid import feature_classifier_for
+
+        # a resumed run has it in its checkpoint
+        model.load_feature_classifier(feature_classifier_for(datamodule))
     fused = None
     if ckpt_path is not None:
         checkpoint = check_fits(ckpt_path, model)
@@ -73,41 +78,10 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
     return datamodule, model, ckpt_path, fused
 
 
-def _attach_step(model: Any) -> None:
-    """The step that trains the model (it checks the model's schedules: ``model.<key>``)."""
-    from vae_lightning.errors import ConfigError
-    from vae_lightning.training import AutomaticStep
-
-    try:
-        AutomaticStep().bind(model)
-    except ConfigError as err:
-        raise ConfigError(f"model.{err.key}", err.message) from None
-
-
-def _load_feature_classifier(model: Any, datamodule: Any) -> None:
-    """The feature-matching loss's frozen features: the dataset's default FID classifier, cached
-    under <data_dir>/classifiers (``make classifiers``), or trained now with vae-evaluate's
-    defaults and cached (3 minutes on 2 CPU cores for Fashion-MNIST)."""
-    from vae_lightning.errors import DataError
-    from vae_lightning.evaluation.fid import classifier_of
-
-    datamodule.prepare_data()  # the raw files the classifier is trained on (fetched if missing)
-    try:
-        found = classifier_of(datamodule.dataset_name, datamodule.data_dir, any_settings=True)
-    except DataError as err:
-        raise DataError(
-            f"model.feature_loss_weight needs {datamodule.dataset_name}'s classifier: {err}. "
-            f"Prepare one with vae-evaluate classifiers=true data_dir={datamodule.data_dir} "
-            f"datasets={datamodule.dataset_name} (classifier_epochs=...), then train again"
-        ) from None
-    log.info("feature loss: classifier %s (test accuracy %.4f)", found.path, found.accuracy)
-    model.load_feature_classifier(found.model)
-
-
 def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     from vae_lightning.run.checkpoints import AtomicCheckpointIO
     from vae_lightning.run.history import History
-    from vae_lightning.run.record import RunRecord, log_hparams
+    from vae_lightning.run.record import RunRecord, key_hparams, log_hparams
     from vae_lightning.run.resume import ExactResume
     from vae_lightning.run.stops import NonFiniteStop, StopOnSignal
 
@@ -121,7 +95,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     config.save_config(cfg, output_dir)
     signals = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
     with signals, RunRecord(output_dir) as record:
-        record.data["hparams"] = _key_hparams(cfg, model, datamodule)
+        max_epochs = cfg.trainer.get("max_epochs")
+        record.data["hparams"] = key_hparams(model, datamodule, max_epochs, cfg.seed)
         record.history = History(output_dir / "history.csv")
         configured = config.instantiate_group(cfg.get("callbacks"), "callbacks")
         # signals first: its on_train_end must come before the end-of-fit probe's
@@ -132,33 +107,39 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
             plugins=[AtomicCheckpointIO()],
         )  # fmt: skip
         log.info("run folder: %s", output_dir)
-
-        t_fit = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        record.data["time/fit_s"] = time.perf_counter() - t_fit
-        if fused:  # trained in a fused group: its share of the group's training counts too
-            record.data["fused"] = fused
-            record.data["time/fit_s"] += fused.get("fit_share_s", 0.0)
-        if trainer.interrupted:
-            raise RuntimeError("training was interrupted")
-        if not record.history.rows:
-            raise RunError(
-                "no training epoch ran (the training split or trainer.limit_train_batches gave "
-                "no batches), so there is nothing to record. Check data.val_size and the trainer."
-            )
-        record.add_metrics(record.history.final_metrics())  # also when fit resumed at its end
-        record.add_metrics(trainer.callback_metrics)
-        best = _best_checkpoint(trainer, record)
+        _fit(trainer, model, datamodule, ckpt_path, record, fused)
         record.add_summaries(configured)
-        if cfg.get("test"):
-            tested = _test(trainer, model, datamodule, best, record, cfg.seed)
-        else:
-            tested = None
+        best = record.best_checkpoint(trainer)
+        tested = (
+            _test(trainer, model, datamodule, best, record, cfg.seed) if cfg.get("test") else None
+        )
         record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
         log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
     log.info("done: %s; run folder: %s", shown or record.metrics, output_dir)
     return record.metric(cfg.get("optimized_metric"))
+
+
+def _fit(
+    trainer: Any, model: Any, datamodule: Any, ckpt_path: str | None, record: Any, fused: Any
+) -> None:
+    """Fit, timed; the last epoch's metrics into the record (also when fit resumed at its end,
+    and for a job a fused stack trained, with its share of the stack's time)."""
+    t_fit = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    record.data["time/fit_s"] = time.perf_counter() - t_fit
+    if fused:  # trained in a fused group: its share of the group's training counts too
+        record.data["fused"] = fused
+        record.data["time/fit_s"] += fused.get("fit_share_s", 0.0)
+    if trainer.interrupted:
+        raise RuntimeError("training was interrupted")
+    if not record.history.rows:
+        raise RunError(
+            "no training epoch ran (the training split or trainer.limit_train_batches gave "
+            "no batches), so there is nothing to record. Check data.val_size and the trainer."
+        )
+    record.add_metrics(record.history.final_metrics())
+    record.add_metrics(trainer.callback_metrics)
 
 
 def _test(
@@ -178,48 +159,6 @@ def _test(
     trainer.test(model, datamodule=datamodule, ckpt_path=tested, verbose=False)
     record.add_metrics(trainer.callback_metrics)
     return tested or "final weights"
-
-
-def _key_hparams(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, Any]:
-    """The hyper-parameters that identify a run (metrics.json, the TensorBoard hparams view)."""
-    hp: dict[str, Any] = {
-        "model": type(model).__name__,
-        "data": datamodule.dataset_name,
-        "batch_size": datamodule.batch_size,
-        "max_epochs": cfg.trainer.get("max_epochs"),
-        "seed": cfg.seed,
-    }
-    for key, value in model.hparams.items():
-        if isinstance(value, (int, float, str, bool)):
-            hp[key] = value
-    hp.setdefault("beta", getattr(model, "beta", 0.0))
-    hp["scheduler"] = (model.hparams.get("scheduler") or {}).get("name", "none")
-    return hp
-
-
-def _best_checkpoint(trainer: Any, record: Any) -> str | None:
-    """The best checkpoint's path (and its score as ``<monitor>_best``), if one was saved."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is None:
-        return None
-    if ckpt.best_model_score is not None:
-        record.metrics[f"{ckpt.monitor}_best"] = float(ckpt.best_model_score)
-    return getattr(ckpt, "best_model_path", "") or None
-
-
-def _check_writable(output_dir: Path) -> None:
-    """The run folder exists (created) and can be written, else one line naming it."""
-    from vae_lightning.errors import ConfigError
-    from vae_lightning.files import make_writable_folder
-
-    try:
-        make_writable_folder(output_dir)
-    except OSError as err:
-        raise ConfigError(
-            "paths.output_dir",
-            f"{output_dir} cannot be written ({err.strerror or err}). Choose another folder with "
-            f"hydra.run.dir=... or paths.log_dir=...",
-        ) from None
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONFIG_DIR), config_name="train")
@@ -248,7 +187,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         raise SystemExit(2) from None
     except Exception as err:
         # a bug: its traceback goes to the log; Hydra's sweepers would stop the whole sweep
-        log.exception("unexpected error (a bug; the traceback is in %s)", _log_file(cfg))
+        log_file = Path(cfg.paths.output_dir) / "train.log"
+        log.exception("unexpected error (a bug; the traceback is in %s)", log_file)
         if multirun:
             config.record_job("failed", f"{type(err).__name__}: {err}")
             return math.nan
@@ -256,10 +196,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if multirun:
         config.record_job("ok")
     return result
-
-
-def _log_file(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.output_dir) / "train.log"
 
 
 def main() -> None:

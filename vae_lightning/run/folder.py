@@ -139,3 +139,17 @@ def check_resume(
                 f"is {max_epochs}, and {path} has already trained {done} epochs: nothing to "
                 f"train. Raise trainer.max_epochs, or evaluate it with vae-evaluate ckpt={path}",
             )
+
+
+def check_writable(output_dir: Path) -> None:
+    """The run folder exists (created) and can be written, else one line naming it."""
+    from vae_lightning.files import make_writable_folder
+
+    try:
+        make_writable_folder(output_dir)
+    except OSError as err:
+        raise ConfigError(
+            "paths.output_dir",
+            f"{output_dir} cannot be written ({err.strerror or err}). Choose another folder with "
+            f"hydra.run.dir=... or paths.log_dir=...",
+        ) from None

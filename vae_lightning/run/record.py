@@ -9,17 +9,18 @@ import errno
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from typing import TYPE_CHECKING, Any
 
 from vae_lightning.errors import RunInterrupted
 from vae_lightning.files import atomic_write_json
-from vae_lightning.run.history import History
+
+if TYPE_CHECKING:  # imported here without Lightning: vae-report reads records in a second
+    import lightning as L
+
+    from vae_lightning.run.history import History
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +194,51 @@ class RunRecord:
     def metric(self, key: str | None) -> float | None:
         return self.metrics.get(key or "")
 
-    @rank_zero_only
+    def best_checkpoint(self, trainer: L.Trainer) -> str | None:
+        """The best checkpoint's path (its score recorded as ``<monitor>_best``), if any."""
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None:
+            return None
+        if ckpt.best_model_score is not None:
+            self.metrics[f"{ckpt.monitor}_best"] = float(ckpt.best_model_score)
+        return getattr(ckpt, "best_model_path", "") or None
+
     def _write(self) -> None:
+        if not _rank_zero():
+            return
         clean = {
             k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.data.items()
         }
         atomic_write_json(self.path, clean)
 
 
+def _rank_zero() -> bool:
+    """Whether this process is global rank zero: Lightning's rank once it is imported (a
+    process that never imported it is no DDP worker)."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+
+
+def key_hparams(model: Any, datamodule: Any, max_epochs: Any, seed: int) -> dict[str, Any]:
+    """The hyper-parameters that identify a run (metrics.json, the TensorBoard hparams view)."""
+    hp: dict[str, Any] = {
+        "model": type(model).__name__,
+        "data": datamodule.dataset_name,
+        "batch_size": datamodule.batch_size,
+        "max_epochs": max_epochs,
+        "seed": seed,
+    }
+    for key, value in model.hparams.items():
+        if isinstance(value, (int, float, str, bool)):
+            hp[key] = value
+    hp.setdefault("beta", getattr(model, "beta", 0.0))
+    hp["scheduler"] = (model.hparams.get("scheduler") or {}).get("name", "none")
+    return hp
+
+
 def log_hparams(trainer: L.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
     """TensorBoard's hparams view with the real final metrics (Lightning's own call logs -1)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for tb in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
         tb.log_hyperparams(hparams, {f"hp/{k}": v for k, v in metrics.items()})

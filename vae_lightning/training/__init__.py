@@ -8,6 +8,6 @@ This floor imports the models (through the instances it is given) and nothing ab
 the run, the data, the views, the evaluation, the entry points or the studies.
 """
 
-from vae_lightning.training.step import AutomaticStep, EpochMeans
+from vae_lightning.training.step import AutomaticStep, EpochMeans, attach
 
-__all__ = ["AutomaticStep", "EpochMeans"]
+__all__ = ["AutomaticStep", "EpochMeans", "attach"]

@@ -187,6 +187,19 @@ class AutomaticStep:
         self.means.load_state_dict(state.get("epoch_means") or {})
 
 
+def attach(model: Autoencoder) -> AutomaticStep:
+    """Attach the step that trains ``model`` (train.py's); a ConfigError names the model's key
+    (``model.kl.length``) when its schedules are refused."""
+    from vae_lightning.errors import ConfigError
+
+    step = AutomaticStep()
+    try:
+        step.bind(model)
+    except ConfigError as err:
+        raise ConfigError(f"model.{err.key}", err.message) from None
+    return step
+
+
 def scalars(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch means among a model's outputs (0-dim tensors); the rest (the AE's codes) are
     for ``observe`` only."""
