@@ -22,6 +22,7 @@ from vae_lightning.errors import ConfigError, DataError
 from vae_lightning.evaluate import evaluate, main
 from vae_lightning.evaluation import fid
 from vae_lightning.evaluation.fid import (
+    ClassifierSettings,
     classifier_accuracy,
     frechet_distance,
     load_or_train_classifier,
@@ -246,6 +247,13 @@ def _splits() -> list[torch.Tensor]:
     ]
 
 
+def obtain(root, splits, device=None, **settings):
+    """load_or_train_classifier of MNIST's ``splits`` (images, labels, test images, labels)."""
+    train, test = tuple(splits[:2]), tuple(splits[2:])
+    return load_or_train_classifier("mnist", root, train, test, ClassifierSettings(**settings),
+                                    device)  # fmt: skip
+
+
 def test_feature_classifier_learns():
     tx, ty, vx, vy = _splits()
     # no translations here: the synthetic class is the height of a band, 2 pixels per class
@@ -258,9 +266,7 @@ def test_classifier_is_trained_once_cached_and_replaced_only_when_asked(tmp_path
     splits = _splits()
     # min_accuracy=0: 3 steps on the synthetic images stay near chance (the floor's own tests
     # are below)
-    clf, acc = load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0
-    )
+    clf, acc = obtain(tmp_path, splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0)
     assert acc == classifier_accuracy(clf, splits[2], splits[3])
     weights, record = tmp_path / "classifiers" / "mnist.pt", tmp_path / "classifiers" / "mnist.json"
     saved = torch.load(weights, weights_only=True)
@@ -276,9 +282,7 @@ def test_classifier_is_trained_once_cached_and_replaced_only_when_asked(tmp_path
         "train_feature_classifier",
         lambda *a, **kw: calls.append(kw) or real_train(*a, **kw),
     )
-    again, acc2 = load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0
-    )
+    again, acc2 = obtain(tmp_path, splits, epochs=1, max_steps=3, device="cpu", min_accuracy=0)
     assert calls == [] and acc2 == acc
     for p, q in zip(clf.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -286,9 +290,7 @@ def test_classifier_is_trained_once_cached_and_replaced_only_when_asked(tmp_path
     # asked otherwise: an error naming the setting and retrain_classifier; the cache untouched
     cached = weights.read_bytes(), record.read_text()
     with pytest.raises(ConfigError) as err:
-        load_or_train_classifier(
-            "mnist", tmp_path, *splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0
-        )
+        obtain(tmp_path, splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0)
     assert str(err.value) == (
         f"classifier_max_steps is 2, but the cached FID classifier {weights} was trained with "
         "classifier_epochs=1, classifier_max_steps=3 (asked: classifier_epochs=1, "
@@ -298,12 +300,11 @@ def test_classifier_is_trained_once_cached_and_replaced_only_when_asked(tmp_path
     # other images than it was trained on: the same
     other = [splits[0].flip(0), *splits[1:]]
     with pytest.raises(DataError, match=r"trained on other mnist image files .* retrain_classif"):
-        load_or_train_classifier("mnist", tmp_path, *other, epochs=1, max_steps=3, min_accuracy=0)
+        obtain(tmp_path, other, epochs=1, max_steps=3, min_accuracy=0)
     assert calls == [] and (weights.read_bytes(), record.read_text()) == cached
 
     # retrain=True replaces it
-    load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0,
+    obtain(tmp_path, splits, epochs=1, max_steps=2, device="cpu", min_accuracy=0,
         retrain=True,
     )  # fmt: skip
     assert len(calls) == 1 and calls[0]["max_steps"] == 2
@@ -315,7 +316,7 @@ def test_a_classifier_below_the_accuracy_floor_is_refused_and_not_cached(tmp_pat
     folder = tmp_path / "classifiers"
     # new, with no cache: refused, nothing written
     with pytest.raises(DataError) as err:
-        load_or_train_classifier("mnist", tmp_path, *splits, epochs=1, max_steps=1, device="cpu")
+        obtain(tmp_path, splits, epochs=1, max_steps=1, device="cpu")
     assert re.fullmatch(
         r"the FID classifier just trained on mnist \(classifier_epochs=1, classifier_max_steps=1\) "
         r"reaches 0\.\d{4} test accuracy, below classifier_min_accuracy=0\.8: its features would "
@@ -327,13 +328,11 @@ def test_a_classifier_below_the_accuracy_floor_is_refused_and_not_cached(tmp_pat
     assert sorted(p.name for p in folder.iterdir()) == [".mnist.lock"]
 
     # cached (under a floor of 0), then asked for with the default floor: refused, kept
-    _, acc = load_or_train_classifier(
-        "mnist", tmp_path, *splits, epochs=1, max_steps=5, device="cpu", min_accuracy=0
-    )
+    _, acc = obtain(tmp_path, splits, epochs=1, max_steps=5, device="cpu", min_accuracy=0)
     assert acc < fid.CLASSIFIER_MIN_ACCURACY
     cached = (folder / "mnist.pt").read_bytes()
     with pytest.raises(DataError) as err:
-        load_or_train_classifier("mnist", tmp_path, *splits, epochs=1, max_steps=5, device="cpu")
+        obtain(tmp_path, splits, epochs=1, max_steps=5, device="cpu")
     assert str(err.value) == (
         f"the cached FID classifier {folder / 'mnist.pt'} reaches {acc:.4f} test accuracy, below "
         "classifier_min_accuracy=0.8: its features would make gen/fid meaningless, so no FID was "
@@ -342,9 +341,7 @@ def test_a_classifier_below_the_accuracy_floor_is_refused_and_not_cached(tmp_pat
     )
     # retrained, still below: the cached one is kept
     with pytest.raises(DataError, match=f"the cached one in {re.escape(str(folder))}.* was kept"):
-        load_or_train_classifier(
-            "mnist", tmp_path, *splits, epochs=1, max_steps=1, device="cpu", retrain=True
-        )
+        obtain(tmp_path, splits, epochs=1, max_steps=1, device="cpu", retrain=True)
     assert (folder / "mnist.pt").read_bytes() == cached
 
 
@@ -353,7 +350,7 @@ def test_an_unreadable_classifier_cache_is_an_error_not_overwritten(tmp_path):
     folder.mkdir()
     (folder / "mnist.pt").write_bytes(b"not a zip")
     with pytest.raises(DataError) as err:
-        load_or_train_classifier("mnist", tmp_path, *_splits(), epochs=1, max_steps=1)
+        obtain(tmp_path, _splits(), epochs=1, max_steps=1)
     assert str(err.value).startswith(f"{folder / 'mnist.pt'} is truncated or not a checkpoint")
     assert str(err.value).endswith(
         "Pass retrain_classifier=true to replace it with a newly trained one."

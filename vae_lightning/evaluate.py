@@ -41,7 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning import config
 from vae_lightning.errors import ConfigError, check_choice, check_float, check_int
 from vae_lightning.evaluation import measures
-from vae_lightning.evaluation.fid import CLASSIFIER_MIN_ACCURACY, CLASSIFIER_SEED, classifier_of
+from vae_lightning.evaluation.fid import (
+    CLASSIFIER_MIN_ACCURACY,
+    CLASSIFIER_SEED,
+    ClassifierSettings,
+    classifier_of,
+)
 from vae_lightning.evaluation.subject import (
     DATA_CLASSES,
     Subject,
@@ -113,13 +118,13 @@ class EvalSettings:
         return cls(**keys)
 
     @property
-    def classifier(self) -> dict[str, Any]:
-        """``evaluation.fid.classifier_of``'s settings."""
-        return {
-            "seed": self.classifier_seed, "epochs": self.classifier_epochs,
-            "max_steps": self.classifier_max_steps, "retrain": self.retrain_classifier,
-            "min_accuracy": self.classifier_min_accuracy,
-        }  # fmt: skip
+    def classifier(self) -> ClassifierSettings:
+        """How the FID classifier is obtained (``evaluation.fid.classifier_of``)."""
+        return ClassifierSettings(
+            epochs=self.classifier_epochs, max_steps=self.classifier_max_steps,
+            seed=self.classifier_seed, retrain=self.retrain_classifier,
+            min_accuracy=self.classifier_min_accuracy,
+        )  # fmt: skip
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def evaluate(
         with _timed(seconds, "classifier"):
             dm = subject.dm
             fid_classifier = classifier_of(dm.dataset_name, dm.data_dir, subject.device,
-                                           **s.classifier)  # fmt: skip
+                                           s.classifier)  # fmt: skip
     y = subject.dm.splits["test"][1]  # (N,) the labels of x, in its order
     with _timed(seconds, "terms"):
         found, latent = measures.mean_terms(subject.model, x, s.batch_size, y)
@@ -255,7 +260,7 @@ def prepare_classifiers(
     dev, accuracy = device_of(s.device), {}
     for name in [datasets] if isinstance(datasets, str) else datasets:
         ensure_dataset(name, Path(data_dir), verify=verify)
-        accuracy[name] = classifier_of(name, Path(data_dir), dev, **s.classifier).accuracy
+        accuracy[name] = classifier_of(name, Path(data_dir), dev, s.classifier).accuracy
         log.info("classifier %s: test accuracy %.4f", name, accuracy[name])
     return accuracy
 

@@ -270,20 +270,31 @@ def _check_accuracy(
     )
 
 
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How a dataset's FID classifier is obtained (vae-evaluate's ``classifier_*`` settings):
+    trained for ``epochs`` (or ``max_steps``) from ``seed`` when it is not cached; ``retrain``
+    replaces the cache; one below ``min_accuracy`` is refused; ``any_settings`` takes a cache
+    of any training length (for those who did not choose one)."""
+
+    epochs: int = 4
+    max_steps: int | None = None
+    seed: int = CLASSIFIER_SEED
+    retrain: bool = False
+    min_accuracy: float = CLASSIFIER_MIN_ACCURACY
+    any_settings: bool = False
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # images (N, 1, 28, 28) uint8 and labels (N,)
+
+
 def load_or_train_classifier(
     dataset_name: str,
     data_dir: Path,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
-    epochs: int = 4,
-    seed: int = 0,
-    max_steps: int | None = None,
+    train: Split,
+    test: Split,
+    settings: ClassifierSettings | None = None,
     device: str | torch.device | None = None,
-    retrain: bool = False,
-    min_accuracy: float = CLASSIFIER_MIN_ACCURACY,
-    any_settings: bool = False,
 ) -> tuple[FeatureClassifier, float]:
     """The dataset's FeatureClassifier and its test accuracy, trained once and cached.
 
@@ -293,38 +304,38 @@ def load_or_train_classifier(
     there is no cache, the classifier is trained and cached. A cache is used only when its
     record matches this request (classifier version, epochs, max_steps, seed and a fingerprint
     of the images and labels); one that does not, or cannot be read, is an error and is left as
-    it is (``any_settings``: a cache of any training length is used, for those who did not
-    choose one): every later evaluation measures FID with it, so only ``retrain`` (vae-evaluate's
+    it is (``settings.any_settings``: a cache of any training length is used): every later
+    evaluation measures FID with it, so only ``settings.retrain`` (vae-evaluate's
     ``retrain_classifier=true``) trains a new one and replaces the files (atomically).
 
-    A classifier, cached or new, whose test accuracy is below ``min_accuracy``
-    (``classifier_min_accuracy``; default ``CLASSIFIER_MIN_ACCURACY``) is refused with a
-    DataError, and a new one is then not cached. Errors name vae-evaluate's settings. A file
-    lock keeps parallel evaluations from training it twice.
+    A classifier, cached or new, whose test accuracy is below ``settings.min_accuracy``
+    (``classifier_min_accuracy``) is refused with a DataError, and a new one is then not
+    cached. Errors name vae-evaluate's settings. A file lock keeps parallel evaluations from
+    training it twice.
     """
+    s = settings or ClassifierSettings()
     device = torch.device(device) if device is not None else _default_device()
     folder = Path(data_dir) / "classifiers"
     folder.mkdir(parents=True, exist_ok=True)
-    weights = classifier_path(data_dir, dataset_name, seed)
+    weights = classifier_path(data_dir, dataset_name, s.seed)
     record_path = weights.with_suffix(".json")
     wanted = {
         "dataset": dataset_name,
         "version": CLASSIFIER_VERSION,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "seed": seed,
-        "data_sha1": _fingerprint(train_images, train_labels, test_images, test_labels),
+        "epochs": s.epochs,
+        "max_steps": s.max_steps,
+        "seed": s.seed,
+        "data_sha1": _fingerprint(*train, *test),
     }
     with file_lock(folder / f".{weights.stem}.lock"):
-        cached = None if retrain else _cached_classifier(weights, wanted, device, any_settings)
+        cached = None if s.retrain else _cached_classifier(weights, wanted, device, s.any_settings)
         if cached is not None:
-            _check_accuracy(cached[1], min_accuracy, weights, wanted, fresh=False)
+            _check_accuracy(cached[1], s.min_accuracy, weights, wanted, fresh=False)
             return cached
         model, record = _train(
-            wanted, device, (train_images, train_labels), (test_images, test_labels),
-            epochs=epochs, seed=seed, max_steps=max_steps,
-        )  # fmt: skip
-        _check_accuracy(record["test_accuracy"], min_accuracy, weights, record, fresh=True)
+            wanted, device, train, test, epochs=s.epochs, seed=s.seed, max_steps=s.max_steps
+        )
+        _check_accuracy(record["test_accuracy"], s.min_accuracy, weights, record, fresh=True)
         _write_cache(model, record, weights, record_path)
         return model, record["test_accuracy"]
 
@@ -352,23 +363,22 @@ def classifier_of(
     dataset: str,
     data_dir: Path,
     device: torch.device | str | None = None,
-    seed: int = CLASSIFIER_SEED,
-    **settings: Any,
+    settings: ClassifierSettings | None = None,
+    **keys: Any,
 ) -> FIDClassifier:
-    """The dataset's classifier trained with ``seed``: trained once, then cached; ``settings``
-    are ``load_or_train_classifier``'s ``epochs``, ``max_steps``, ``retrain`` and
-    ``min_accuracy`` (a cache trained otherwise, or a classifier below the floor, is refused)."""
+    """The dataset's classifier: trained once, then cached (``load_or_train_classifier``);
+    ``settings`` (or the same as keywords: ``seed=1``, ``any_settings=True``) say how."""
     from vae_lightning.data import load_split
     from vae_lightning.data.sources import get_spec
 
+    settings = settings or ClassifierSettings(**keys)
     raw = get_spec(dataset).raw_dir(data_dir)
-    (train, train_labels), (test, test_labels) = load_split(raw, "train"), load_split(raw, "test")
+    train, test = load_split(raw, "train"), load_split(raw, "test")
     classifier, accuracy = load_or_train_classifier(
-        dataset, Path(data_dir), train, train_labels, test, test_labels,
-        seed=seed, device=device, **settings,
-    )  # fmt: skip
-    path = classifier_path(data_dir, dataset, seed)
-    return FIDClassifier(classifier, accuracy, train, test, seed, path)
+        dataset, Path(data_dir), train, test, settings, device
+    )
+    path = classifier_path(data_dir, dataset, settings.seed)
+    return FIDClassifier(classifier, accuracy, train[0], test[0], settings.seed, path)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Seed 2's downstream probe and its companions: classifiers fitted on a model's embeddings."""
+"""The downstream probes: classifiers fitted on a model's embeddings (the Fashion-MNIST ConvVAE
+study's RandomForest, with a logistic regression and a kNN beside it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The probes' settings: the RandomForest's (the study's: 100 trees, ``random_state`` 42),
+    the kNN's neighbours, and the cores both may use (-1: all)."""
+
+    n_estimators: int = 100
+    random_state: int = 42
+    knn_k: int = 5
+    n_jobs: int | None = -1
 
 
 @dataclass
@@ -24,16 +36,12 @@ def fit_probes(
     train_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    n_estimators: int = 100,
-    random_state: int = 42,
-    knn_k: int = 5,
-    n_jobs: int | None = -1,
+    settings: ProbeSettings | None = None,
     num_classes: int = 10,
 ) -> ProbeResult:
-    """Fit seed 2's RandomForest, a logistic regression and a kNN on features; score on test.
+    """Fit the RandomForest, a logistic regression and a kNN on features; score on test.
 
-    The RandomForest is seed 2's (``n_estimators=100, random_state=42``); the logistic
-    regression sees standardised features; the kNN uses Euclidean distance.
+    The logistic regression sees standardised features; the kNN uses Euclidean distance.
     """
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -42,12 +50,13 @@ def fit_probes(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    s = settings or ProbeSettings()
     probes = {
         "rf": RandomForestClassifier(
-            n_estimators=n_estimators, random_state=random_state, n_jobs=n_jobs
+            n_estimators=s.n_estimators, random_state=s.random_state, n_jobs=s.n_jobs
         ),
         "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-        "knn": KNeighborsClassifier(n_neighbors=knn_k, n_jobs=n_jobs),
+        "knn": KNeighborsClassifier(n_neighbors=s.knn_k, n_jobs=s.n_jobs),
     }
     accuracy, seconds, confusion = {}, {}, None
     for name, clf in probes.items():

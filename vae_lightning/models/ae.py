@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from vae_lightning.models.base import Autoencoder, Knob, Terms, mlp, no_kl_schedule
+from vae_lightning.models.base import Autoencoder, Common, Knob, Terms, mlp, no_kl_schedule
 from vae_lightning.models.losses import mse_per_pixel, recon_bce
 
 
@@ -64,19 +65,10 @@ class AE(Autoencoder):
         self,
         latent_dim: int = 20,
         hidden_dim: int = 400,
-        lr: float = 1e-3,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        no_kl_schedule(kl, "an AE")
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler,
-            feature_loss_weight=feature_loss_weight,
-        )  # fmt: skip
+        no_kl_schedule(common.get("kl"), "an AE")
+        super().__init__(latent_dim, **common)
         # Gaussian fitted to the training codes (moments accumulated during each training epoch)
         self.register_buffer("code_mean", torch.zeros(latent_dim))
         self.register_buffer("code_cov", torch.eye(latent_dim))

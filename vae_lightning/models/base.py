@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import lightning as L
 import torch
@@ -36,6 +36,24 @@ Knob = Tensor | None
 # outside it mean sigma < 3e-7 or > 2e4, which no useful posterior on [0, 1] pixels needs.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 LOG_2PI = math.log(2 * math.pi)
+
+
+class Common(TypedDict, total=False):
+    """The keys every model takes besides its own, with ``Autoencoder.__init__``'s defaults
+    (a family may change one: the convolutional models' ``lr`` is 5e-4). The training settings
+    travel with a model's config and checkpoint and are the step's to apply: ``lr``,
+    ``fused_adam`` (Adam's fused kernel), ``compile`` (torch.compile of ``terms``),
+    ``scheduler`` and ``kl`` (the learning rate's and the KL weight's schedules, checked when
+    a step is attached); ``in_shape`` is the images' (C, H, W); ``feature_loss_weight`` adds
+    the feature-matching term to the objective."""
+
+    lr: float
+    in_shape: Sequence[int]
+    fused_adam: bool
+    compile: bool
+    scheduler: dict[str, Any] | None
+    kl: dict[str, Any] | None
+    feature_loss_weight: float
 
 
 class Step(Protocol):
@@ -124,10 +142,9 @@ class Autoencoder(L.LightningModule):
     """What AE and the VAEs share: checked hyper-parameters, networks built once, the optional
     feature-matching term, and the hand-over of Lightning's hooks to ``self.step``.
 
-    Subclasses declare their hyper-parameters in a typed ``__init__`` that passes them all on to
-    this one, check their own in ``check_hparams`` and build their networks in
-    ``build_networks``. ``lr``, ``fused_adam``, ``compile``, ``scheduler`` and ``kl`` are the
-    training settings that travel with a model's config and checkpoint; the step reads them.
+    Subclasses declare their own hyper-parameters in a typed ``__init__`` and take the ones
+    every model shares as ``**common: Unpack[Common]``, pass them all on to this one, check
+    their own in ``check_hparams`` and build their networks in ``build_networks``.
     """
 
     variational = False
@@ -137,11 +154,11 @@ class Autoencoder(L.LightningModule):
     def __init__(
         self,
         latent_dim: int,
-        lr: float,
-        in_shape: Sequence[int],
+        beta: float = 0.0,
+        lr: float = 1e-3,
+        in_shape: Sequence[int] = (1, 28, 28),
         fused_adam: bool = True,
         compile: bool = False,
-        beta: float = 0.0,
         scheduler: dict[str, Any] | None = None,
         kl: dict[str, Any] | None = None,
         feature_loss_weight: float = 0.0,

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vae_lightning.errors import check_choice, check_int
-from vae_lightning.models.base import LOGVAR_MAX, LOGVAR_MIN, Knob, check_widths
+from vae_lightning.models.base import LOGVAR_MAX, LOGVAR_MIN, Common, Knob, check_widths
 from vae_lightning.models.gaussian import GaussianVAE, conv_networks
 from vae_lightning.models.networks import MLPDecoder, MLPEncoder
 
@@ -36,17 +37,9 @@ class CVAE(GaussianVAE):
         hidden_dim: int = 400,
         channels: Sequence[int] = (32, 64, 128),
         beta: float = 1.0,
-        lr: float = 1e-3,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
-        )
+        super().__init__(latent_dim, beta, **common)
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         hp["num_classes"] = check_int("num_classes", hp["num_classes"], 2)

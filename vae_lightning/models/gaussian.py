@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vae_lightning.errors import ConfigError, check_choice, check_int
 from vae_lightning.models.base import (
     LOGVAR_MAX,
     LOGVAR_MIN,
     Autoencoder,
+    Common,
     Knob,
     Terms,
     check_widths,
@@ -95,17 +97,9 @@ class VAE(GaussianVAE):
         latent_dim: int = 20,
         hidden_dim: int = 400,
         beta: float = 1.0,
-        lr: float = 1e-3,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
-        )
+        super().__init__(latent_dim, beta, **common)
 
     def build_networks(self) -> tuple[nn.Module, nn.Module]:
         return mlp(self.hparams, out_features=2 * self.hparams.latent_dim)  # mu and logvar
@@ -124,20 +118,12 @@ class ConvVAE(GaussianVAE):
         latent_dim: int = 32,
         channels: Sequence[int] = (32, 64, 128),
         beta: float = 1.0,
-        lr: float = 5e-4,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
         extra_channels: int | None = None,
         batchnorm: bool = False,
         activation: str = "relu",
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
-        )
+        super().__init__(latent_dim, beta, **{"lr": 5e-4, **common})
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         if hp["extra_channels"] is not None:

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vae_lightning.errors import ConfigError, check_int
 from vae_lightning.models.base import (
     Autoencoder,
+    Common,
     Knob,
     Terms,
     check_widths,
@@ -47,17 +49,9 @@ class HVAE(Autoencoder):
         inner_dim: int = 100,
         hidden_dims: Sequence[int] = (200, 100),
         beta: float = 1.0,
-        lr: float = 1e-3,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, beta, scheduler, kl, feature_loss_weight
-        )
+        super().__init__(latent_dim, beta, **common)
 
     def check_hparams(self, hp: dict[str, Any]) -> dict[str, Any]:
         hp["layers"] = check_int("layers", hp["layers"], 1)

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vae_lightning.errors import ConfigError, check_float, check_int
-from vae_lightning.models.base import Autoencoder, Knob, Terms, check_widths, no_kl_schedule
+from vae_lightning.models.base import Autoencoder, Common, Knob, Terms, check_widths, no_kl_schedule
 from vae_lightning.models.losses import mse_per_pixel, recon_bce
 from vae_lightning.models.networks import PixelCNN, VQDecoder, VQEncoder
 
@@ -45,19 +46,10 @@ class VQVAE(Autoencoder):
         dead_code_threshold: float = 2.0,
         prior_channels: int = 64,
         prior_layers: int = 4,
-        lr: float = 5e-4,
-        in_shape: Sequence[int] = (1, 28, 28),
-        fused_adam: bool = True,
-        compile: bool = False,
-        scheduler: dict[str, Any] | None = None,
-        kl: dict[str, Any] | None = None,
-        feature_loss_weight: float = 0.0,
+        **common: Unpack[Common],
     ) -> None:
-        no_kl_schedule(kl, "a VQ-VAE")
-        super().__init__(
-            latent_dim, lr, in_shape, fused_adam, compile, scheduler=scheduler,
-            feature_loss_weight=feature_loss_weight,
-        )  # fmt: skip
+        no_kl_schedule(common.get("kl"), "a VQ-VAE")
+        super().__init__(latent_dim, **{"lr": 5e-4, **common})
         from vector_quantize_pytorch import VectorQuantize  # imports einx: only when used
 
         hp = self.hparams

@@ -18,7 +18,7 @@ import vae_lightning.views.figures as figures
 from vae_lightning.data import to_unit_float
 from vae_lightning.errors import check_int
 from vae_lightning.evaluation.metrics import LatentMoments, active_units, embed_images
-from vae_lightning.evaluation.probes import fit_probes
+from vae_lightning.evaluation.probes import ProbeSettings, fit_probes
 from vae_lightning.models.losses import gaussian_kl
 from vae_lightning.views.base import ModelCallback, Periodic, writers
 
@@ -134,12 +134,12 @@ class LatentProbe(Periodic):
         super().__init__(output_dir, every_n_epochs, seed)
         self.max_train = None if max_train is None else check_int("max_train", max_train, 10)
         self.pixels = bool(pixels)
-        self.kwargs = {
-            "n_estimators": check_int("n_estimators", n_estimators, 1),
-            "random_state": random_state,
-            "knn_k": check_int("knn_k", knn_k, 1),
-            "n_jobs": n_jobs,
-        }
+        self.settings = ProbeSettings(
+            n_estimators=check_int("n_estimators", n_estimators, 1),
+            random_state=random_state,
+            knn_k=check_int("knn_k", knn_k, 1),
+            n_jobs=n_jobs,
+        )
         self.result: dict[str, Any] = {}
 
     @override
@@ -171,8 +171,8 @@ class LatentProbe(Periodic):
 
         def probe(features) -> Any:  # the same probes on any featurisation of the images
             train, test = features(train_x, train_y), features(test_x, test_y)
-            kwargs = {"num_classes": len(classes), **self.kwargs}
-            return fit_probes(train, train_y.numpy(), test, test_y.numpy(), **kwargs)
+            return fit_probes(train, train_y.numpy(), test, test_y.numpy(), self.settings,
+                              num_classes=len(classes))  # fmt: skip
 
         # a conditional model's encoder reads the labels too
         res = probe(lambda x, y: embed_images(pl_module, x, labels=y).numpy())
