@@ -10,6 +10,7 @@ import math
 import signal
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 class DataError(RuntimeError):
@@ -19,6 +20,25 @@ class DataError(RuntimeError):
 class RunError(RuntimeError):
     """The run cannot go on for a reason the user can act on (a diverging loss, nothing to
     train); the message says what happened and what to do."""
+
+
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite; the message names the epoch, step and the last
+    good checkpoint (raised by the run's NonFiniteStop and by steps that check it themselves)."""
+
+    @classmethod
+    def of(cls, trainer: Any, step: int, value: float | None = None) -> NonFiniteLossError:
+        """The error at global ``step`` of ``trainer``'s fit (``value``: the loss, if known)."""
+        ckpt = trainer.checkpoint_callback
+        last_good = ckpt and (
+            getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        )
+        shown = f" ({value})" if value is not None else ""
+        return cls(
+            f"non-finite training loss{shown} at epoch {trainer.current_epoch}, step {step}. "
+            f"Last good checkpoint: {last_good or 'none yet'} (not overwritten). Lower model.lr "
+            f"or check the data; continue from the checkpoint with resume=<it>."
+        )
 
 
 class ConfigError(ValueError):

@@ -62,7 +62,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
     L.seed_everything(cfg.seed, workers=True)
     datamodule = config.instantiate(cfg.data, "data")
     model = config.instantiate(cfg.model, "model")
-    attach(model)  # the step that trains it; it checks the model's schedules
+    attach(model, cfg.get("step"), str(cfg.trainer.get("accelerator", "auto")))
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if getattr(model, "feature_net", None) is not None and ckpt_path is None:
         from vae_lightning.evaluation.fid import feature_classifier_for
@@ -72,6 +72,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
     fused = None
     if ckpt_path is not None:
         checkpoint = check_fits(ckpt_path, model)
+        model.step.check_checkpoint(checkpoint, ckpt_path)
         check_resume(checkpoint, ckpt_path, datamodule, cfg.trainer.get("max_epochs"), output_dir)
         log.info("resuming from %s", ckpt_path)
         fused = (checkpoint.get("vae_lightning") or {}).get("fused")

@@ -103,3 +103,50 @@ class InMemoryBatches:
             else:
                 idx = order[i * self.batch_size : (i + 1) * self.batch_size]
                 yield self.images[idx], self.labels[idx]
+
+
+class IndexChunks:
+    """The training batches of an ``InMemoryBatches``, handed over ``k`` at a time as the flat
+    indices of their images into the split (on the split's device): the last chunk of an epoch
+    may hold fewer batches, and its last batch fewer images. For a step that takes ``k``
+    optimizer steps per Lightning step (``training.fast``), which gathers each batch itself.
+
+    ``limit``: the batches of an epoch, as Lightning's ``limit_train_batches`` counts them (a
+    number of batches, or a fraction); Lightning counts chunks. The position Lightning saves
+    (``consumed``) counts batches, so a run resumed at a chunk boundary continues with the next.
+    """
+
+    def __init__(self, batches: InMemoryBatches, k: int, limit: int | float = 1.0) -> None:
+        self.batches, self.k = batches, k
+        n = len(batches)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            limit = 1.0
+        self.n_batches = min(n, limit) if isinstance(limit, int) else int(n * float(limit))
+        self.sampler = self.batch_sampler = self  # where Lightning looks for set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches.load_state_dict(state)
+
+    def mark_consumed(self, n: int) -> None:
+        self.batches.consumed += n
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_batches / self.k)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        b = self.batches
+        start, b._skip = b._skip, 0
+        b.consumed = start
+        order = b._indices()
+        if order is None:
+            order = torch.arange(len(b.images), device=b.images.device)
+        size = b.batch_size
+        for first in range(start, self.n_batches, self.k):
+            last = min(first + self.k, self.n_batches)
+            yield order[first * size : last * size]

@@ -8,13 +8,14 @@ i.e. on the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from vae_lightning.data.batches import InMemoryBatches
+from vae_lightning.data.batches import IndexChunks, InMemoryBatches
 from vae_lightning.data.idx import idx_shape, load_split, to_unit_float
 from vae_lightning.data.sources import SPLIT_FILES, ensure_dataset, get_spec
 from vae_lightning.errors import ConfigError, check_choice, check_int
@@ -80,7 +81,12 @@ class IDXDataModule(L.LightningDataModule):
         self.download, self.verify = download, verify
         self.on_device = bool(on_device)
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._train_loader: InMemoryBatches | None = None
+        self._train_loader: InMemoryBatches | IndexChunks | None = None
+        # set by a step that takes several optimizer steps per Lightning step (training.fast):
+        # the training loader then hands over this many batches' indices at a time, and
+        # train_limit is limit_train_batches in batches
+        self.batches_per_step = 1
+        self.train_limit: int | float = 1.0
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -159,9 +165,12 @@ class IDXDataModule(L.LightningDataModule):
             even=split == "train",
         )
 
-    def train_dataloader(self) -> InMemoryBatches:
-        self._train_loader = self._loader("train", True, self.batch_size)
-        return self._train_loader
+    def train_dataloader(self) -> InMemoryBatches | IndexChunks:
+        loader = self._loader("train", True, self.batch_size)
+        if self.batches_per_step > 1:
+            loader = IndexChunks(loader, self.batches_per_step, self.train_limit)
+        self._train_loader = loader
+        return loader
 
     def val_dataloader(self) -> InMemoryBatches:
         return self._loader("val", False, self.eval_batch_size)
@@ -170,9 +179,14 @@ class IDXDataModule(L.LightningDataModule):
         return self._loader("test", False, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
         trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None:
+        training = trainer is not None and trainer.training and self._train_loader is not None
+        if isinstance(self._train_loader, IndexChunks) and training:
+            # a chunk of batches' indices: the step gathers and converts each batch itself
+            self._train_loader.mark_consumed(math.ceil(len(batch) / self.batch_size))
+            return batch
+        x, y = batch
+        if training:
             self._train_loader.mark_consumed()  # this batch goes to a training step now
         x = to_unit_float(x)  # (B, 1, 28, 28) in [0, 1], on the device
         if self.binarize == "dynamic":

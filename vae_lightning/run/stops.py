@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from vae_lightning.errors import RunError, RunInterrupted
+from vae_lightning.errors import NonFiniteLossError, RunInterrupted
 
 
 class StopOnSignal(L.Callback):
@@ -93,11 +93,6 @@ class StopOnSignal(L.Callback):
         self._in_fit = False
 
 
-class NonFiniteLossError(RunError):
-    """The training loss became NaN or infinite; the message names the epoch, step and the last
-    good checkpoint."""
-
-
 class NonFiniteStop(L.Callback):
     """Stop on a NaN/inf training loss.
 
@@ -136,13 +131,4 @@ class NonFiniteStop(L.Callback):
 
     @staticmethod
     def _raise(trainer: L.Trainer, step: int, loss: torch.Tensor | None) -> None:
-        ckpt = trainer.checkpoint_callback
-        last_good = ckpt and (
-            getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
-        )
-        value = f" ({loss.item()})" if loss is not None else ""
-        raise NonFiniteLossError(
-            f"non-finite training loss{value} at epoch {trainer.current_epoch}, step {step}. "
-            f"Last good checkpoint: {last_good or 'none yet'} (not overwritten). Lower model.lr "
-            f"or check the data; continue from the checkpoint with resume=<it>."
-        )
+        raise NonFiniteLossError.of(trainer, step, None if loss is None else loss.item())

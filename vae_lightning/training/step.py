@@ -42,13 +42,17 @@ class EpochMeans:
     def add(self, stage: str, terms: dict[str, torch.Tensor], n: int) -> None:
         """Add a batch of ``n`` images whose batch means are ``terms`` (0-dim tensors)."""
         values = torch.stack([v.detach() for v in terms.values()]) * n  # (K,) sums
+        self.add_sums(stage, values, n, tuple(terms))
+
+    def add_sums(self, stage: str, values: torch.Tensor, n: int, keys: tuple[str, ...]) -> None:
+        """Add the sums ``values`` (one per term in ``keys``) over ``n`` images."""
         if stage not in self._sums:
-            self._sums[stage] = (values, n, tuple(terms))
+            self._sums[stage] = (values, n, keys)
             return
-        sums, count, keys = self._sums[stage]
+        sums, count, old = self._sums[stage]
         if sums.device != values.device:  # restored from a checkpoint onto the CPU
             sums = sums.to(values.device)
-        self._sums[stage] = (sums + values, count + n, keys)
+        self._sums[stage] = (sums + values, count + n, old)
 
     def pop(self, stage: str, strategy: Any = None) -> dict[str, torch.Tensor]:
         """The epoch's means ``{name: mean}`` (reduced over processes), and forget them."""
@@ -81,6 +85,7 @@ class AutomaticStep:
     Lightning's backward and optimizer step; epoch means logged as ``<stage>/<term>``."""
 
     automatic_optimization = True
+    kind = "automatic"  # what a checkpoint records of the step that trained it
 
     def __init__(self) -> None:
         self.means = EpochMeans()
@@ -127,9 +132,12 @@ class AutomaticStep:
         trainer = model._trainer
         if self.kl is None or self.kl["name"] == "constant" or trainer is None:
             return None
-        steps = max(1, trainer.num_training_batches)
-        total = int(trainer.estimated_stepping_batches)
+        steps, total = self.schedule_lengths(trainer)
         return kl_weight(self.kl, model.beta, trainer.global_step + offset, steps, total)
+
+    def schedule_lengths(self, trainer: Any) -> tuple[int, int]:
+        """The optimizer steps of an epoch and of the whole fit, for the KL schedule."""
+        return max(1, trainer.num_training_batches), int(trainer.estimated_stepping_batches)
 
     # --- the hooks -----------------------------------------------------------------------------
     def training_step(self, model: Autoencoder, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -172,27 +180,66 @@ class AutomaticStep:
         knobs = {"y": y} if model.conditional else {}
         self.means.add(stage, scalars(model.terms_fn(x, **knobs)), x.size(0))
 
-    def log_means(self, model: Autoencoder, stage: str) -> None:
+    def log_means(self, model: Autoencoder, stage: str) -> dict[str, torch.Tensor]:
+        """Log the epoch's means of ``stage`` (reduced over processes); return them."""
         trainer = model._trainer
         means = self.means.pop(stage, trainer.strategy if trainer is not None else None)
         if means:
             model.log_dict(
                 {f"{stage}/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True
             )
+        return means
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_means": self.means.state_dict()}
+        return {"epoch_means": self.means.state_dict(), "kind": self.kind}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], path: Any) -> None:
+        """Refuse to continue a checkpoint another kind of step trained: Lightning counts the
+        steps of automatic and manual optimization apart, so the count (and a KL schedule by
+        step) would start again. Checkpoints without a kind are the automatic step's."""
+        kind = ((checkpoint.get("vae_lightning") or {}).get("step") or {}).get("kind")
+        if (kind or "automatic") != self.kind:
+            from vae_lightning.errors import ConfigError
+
+            raise ConfigError(
+                "step.name",
+                f"is {self.kind}, but {path} was trained with step.name={kind}: continue it "
+                f"with the same step (its weights load under either: vae-evaluate ckpt=...)",
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.means.load_state_dict(state.get("epoch_means") or {})
 
 
-def attach(model: Autoencoder) -> AutomaticStep:
-    """Attach the step that trains ``model`` (train.py's); a ConfigError names the model's key
-    (``model.kl.length``) when its schedules are refused."""
-    from vae_lightning.errors import ConfigError
+# step=auto: the fast step on a CUDA GPU, once it has been measured there (it has not yet)
+FAST_ON_CUDA = False
+STEPS = ("auto", "automatic", "fast")
 
+
+def attach(model: Autoencoder, settings: Any = None, accelerator: str = "cpu") -> AutomaticStep:
+    """Attach the step that trains ``model`` (train.py's): ``settings`` is the config's
+    ``step`` (``name``: automatic, fast or auto; the fast step's ``chunk`` and ``cuda_graph``)
+    for a trainer on ``accelerator``. A ConfigError names the key (``step.chunk``, or the
+    model's ``model.kl.length`` when its schedules are refused)."""
+    from vae_lightning.errors import ConfigError, check_choice
+
+    spec = {str(k): v for k, v in (settings or {}).items()}
+    name = check_choice("step.name", spec.pop("name", "automatic"), STEPS)
+    if name == "auto":
+        cuda = accelerator in ("gpu", "cuda") or (
+            accelerator == "auto" and torch.cuda.is_available()
+        )
+        name = "fast" if cuda and FAST_ON_CUDA else "automatic"
     step = AutomaticStep()
+    if name == "fast":
+        from vae_lightning.training.fast import FastStep
+
+        try:
+            step = FastStep(**spec)
+        except ConfigError as err:
+            raise ConfigError(f"step.{err.key}", err.message) from None
+        except TypeError as err:
+            raise ConfigError("step", f"has a key the fast step does not take ({err})") from None
     try:
         step.bind(model)
     except ConfigError as err:
