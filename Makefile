@@ -16,7 +16,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims zoo bench test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims zoo bench bench-gpu gpu-bundle test test-fast lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,22 @@ zoo: data ## every model (CVAE, HVAE, deeper ConvVAE, VQ-VAE) beside the seeds':
 
 bench: data ## the framework's training path against a bare PyTorch loop (writes bench.json)
 	$(BIN)/vae-bench data_dir=$(abspath $(DATA_DIR)) $(ARGS)
+
+# the GPU checks' Python: the venv's here; on a GPU machine without one (PyTorch only), its own,
+# with the Hydra that `make gpu-bundle` packed into .gpu/site
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_PATH := $(if $(wildcard .gpu/site),PYTHONPATH=$(CURDIR)/.gpu/site:$(CURDIR),)
+
+bench-gpu: ## every GPU check in one command (tests, CUDA bench, both studies, fused sweep, resume): bench_gpu.json
+	@$(GPU_PATH) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m vae_lightning.studies.bench_gpu $(ARGS)
+
+gpu-bundle: data ## pack Hydra and the gzipped data into .gpu/ for a GPU machine without them (carry .gpu)
+	rm -rf .gpu && mkdir -p .gpu/site .gpu/data_gz
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  cp -r "$$site/hydra" "$$site/omegaconf" "$$site/antlr4" .gpu/site/
+	for d in MNIST FashionMNIST; do mkdir -p .gpu/data_gz/$$d; \
+	  for f in $(DATA_DIR)/$$d/raw/*-ubyte; do gzip -c "$$f" > .gpu/data_gz/$$d/$$(basename "$$f").gz; done; done
+	@du -sh .gpu
 
 test: install ## run the test suite (slow tests included; 10 minutes on 2 slow CPU cores)
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -304,6 +304,8 @@ def time_evaluate(ckpt: str, out: Path) -> float:
 def main(cfg: DictConfig) -> None:
     if cfg.sweep:
         return _bench_sweeps(cfg)
+    if cfg.device != "cpu":
+        return _bench_cuda(cfg)
     _check(cfg)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "vae_lightning.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -334,6 +336,25 @@ def main(cfg: DictConfig) -> None:
     summary["complete"] = True
     atomic_write_json(out, summary)
     log.info("\n".join(summary_lines(summary)))
+
+
+def _bench_cuda(cfg: DictConfig) -> None:
+    """``device=cuda``: the training paths on the GPU (cuda_bench.py)."""
+    from vae_lightning.studies import cuda_bench
+
+    if cfg.device != "cuda":
+        raise ConfigError("device", f"must be cpu or cuda, got {cfg.device!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", "is cuda, but no CUDA GPU is available here: use device=cpu")
+    models = list(cfg.models)
+    if not models or set(models) - set(DATA):
+        raise ConfigError("models", f"must be a non-empty list of {', '.join(DATA)}, got {models}")
+    data_dir = check_path("data_dir", cfg.data_dir, "folder", "the raw files (`make data`)",
+                          must_exist=True)  # fmt: skip
+    out = Path(check_path("out", cfg.out, "file", "give the file for the results"))
+    result = cuda_bench.bench(models, data_dir, int(cfg.repeats))
+    atomic_write_json(out, {"complete": True, "cuda": result})
+    log.info("\n".join(cuda_bench.cuda_lines(result)))
 
 
 def _bench_sweeps(cfg: DictConfig) -> None:
