@@ -10,7 +10,6 @@ import math
 import os
 import signal
 from pathlib import Path
-from typing import ClassVar
 
 import lightning as L
 import pytest
@@ -20,7 +19,7 @@ from tests.conftest import run_cli, small_overrides
 from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError, NonFiniteLossError, RunInterrupted
 from vae_lightning.train import train
-from vae_lightning.training import fast
+from vae_lightning.training import chunks, fast
 
 # 512 training images in batches of 60: 9 steps an epoch, the last of 32 images; chunks of 4:
 # 4, 4 and 1 batches (the last chunk short, its batch short)
@@ -196,12 +195,11 @@ def fake_cuda(monkeypatch) -> list[FakeGraph]:
         graph.fresh = True  # the block runs now: the replay that follows is free
         yield
 
-    run = fast.ChunkGraph.run
+    capture = chunks.ChunkRunner._capture
 
-    def run_and_record(self, index, beta):  # what a later replay runs again: the block
-        out = run(self, index, beta)
-        self.graph.body = self._body
-        return out
+    def capture_and_record(self, step, with_beta):  # what a later replay runs again
+        capture(self, step, with_beta)
+        self.graph.body = self.body
 
     class Stream:
         def wait_stream(self, other):
@@ -212,7 +210,7 @@ def fake_cuda(monkeypatch) -> list[FakeGraph]:
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
-    monkeypatch.setattr(fast.ChunkGraph, "run", run_and_record)
+    monkeypatch.setattr(chunks.ChunkRunner, "_capture", capture_and_record)
     monkeypatch.setattr(fast.FastStep, "uses_graph", lambda self, model: self.cuda_graph)
     return graphs
 
@@ -233,50 +231,21 @@ def test_the_graph_path_trains_as_the_eager_chunk_with_cuda_faked(data_dir, tmp_
     assert_same_training(eager, graphed, rel=1e-5)
 
 
-def test_the_graph_body_is_the_eager_chunk_on_the_cpu():
-    """ChunkGraph._body run as it is (eagerly, on CPU tensors): the same weights, sums and
-    losses as the eager chunk's steps, and the first non-finite step found on the device."""
-    from vae_lightning.models import VAE
+def test_a_chunk_finds_the_first_step_whose_objective_is_not_finite_per_element():
+    """ChunkRunner's accumulation, eagerly: the sums over the images, each step's loss, and
+    the first non-finite step of each element of the objective (a stack's jobs each)."""
+    values = [torch.tensor([1.0, 2.0]), torch.tensor([math.nan, 3.0]),
+              torch.tensor([5.0, math.inf])]  # fmt: skip
 
-    class Data:
-        batch_size, binarize = 8, "none"
-        splits: ClassVar = {"train": (torch.randint(0, 255, (64, 1, 28, 28), dtype=torch.uint8),
-                                      torch.zeros(64, dtype=torch.long))}  # fmt: skip
+    def step(index, beta, k):
+        return {"loss": values[k] + 0.0, "objective": values[k] * (1.0 if beta is None else beta)}
 
-    def model_and_adam(seed: int):
-        torch.manual_seed(seed)
-        model = VAE(latent_dim=3, hidden_dim=16)
-        adam = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), capturable=True,
-                                fused=True)  # fmt: skip
-        model._trainer = type("T", (), {"optimizers": [type("O", (), {"adam": adam})]})()
-        return model, adam
-
-    index = torch.randperm(64)[:32].view(4, 8)
-    a, _ = model_and_adam(0)
-    graph = fast.ChunkGraph(a, Data, 4, ("loss", "objective", "recon", "kl", "mse"))
-    graph.index.copy_(index)
-    graph.beta.fill_(1.0)
-    torch.manual_seed(1)
-    graph._body()
-    b, adam = model_and_adam(0)
-    torch.manual_seed(1)
-    sums = torch.zeros(5)
-    for k in range(4):
-        x = Data.splits["train"][0][index[k]].float() / 255
-        out = b.terms(x, beta=torch.tensor(1.0))
-        adam.zero_grad()
-        out["objective"].backward()
-        adam.step()
-        sums += torch.stack([out[key].detach() for key in graph.keys]) * 8
-        assert graph.losses[k] == pytest.approx(out["loss"].item(), rel=1e-6)
-    torch.testing.assert_close(graph.sums, sums)
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, msg=name)
-    assert int(graph.first_bad) == -1
-    with torch.no_grad():
-        next(a.decoder.parameters()).fill_(math.nan)
-    graph._body()
-    assert int(graph.first_bad) == 0
+    batches = [torch.arange(4), torch.arange(4), torch.arange(2)]
+    result = chunks.ChunkRunner(3, graph=False).run(step, batches, None)
+    assert result.keys == ("loss", "objective") and result.images == 10
+    assert result.first_bad.tolist() == [1, 2]
+    torch.testing.assert_close(result.losses, torch.stack(values), equal_nan=True)
+    assert result.sums[0].tolist()[1] == math.inf  # 2*4 + 3*4 + inf*2
 
 
 @pytest.mark.slow
@@ -310,3 +279,51 @@ def test_on_a_gpu_the_graph_replays_and_trains_as_the_eager_chunk(data_dir, tmp_
     assert [r["step"] for r in ha] == [r["step"] for r in hb] == [9, 18, 27]
     assert hb[-1]["train/loss"] == pytest.approx(ha[-1]["train/loss"], rel=0.05)
     assert hb[-1]["train/loss"] < hb[0]["train/loss"]
+
+
+# --- a sweep's stack in chunks ----------------------------------------------------------------
+
+
+STACK = {
+    "vae": ["model=vae", "model.hidden_dim=32", "data.binarize=dynamic"],
+    "ae": ["model=ae", "model.hidden_dim=32"],
+}
+
+
+def stack_cfg(data_dir, folder, kind, job):
+    from omegaconf import OmegaConf
+
+    composed = compose([*small_overrides(data_dir, folder), *RUN, *STACK[kind], *job,
+                        "step.name=fast", "step.chunk=4"])  # fmt: skip
+    return OmegaConf.create(OmegaConf.to_container(composed, resolve=True))
+
+
+@pytest.mark.parametrize(("kind", "graphed"), [("vae", False), ("ae", False), ("vae", True)])
+def test_a_stack_in_chunks_trains_each_job_as_the_job_alone_with_the_fast_step(
+    kind, graphed, data_dir, tmp_path, monkeypatch
+):
+    """A fused group whose jobs take the fast step trains in chunks (the same runner; with
+    CUDA faked, its graph path); each job then finishes with its own fast step and equals
+    the job alone."""
+    from omegaconf import open_dict
+
+    from vae_lightning.sweeps.stacked import train_group
+
+    jobs = [("model.latent_dim=2", "seed=0"), ("model.latent_dim=5", "seed=1")]
+    for n, job in enumerate(jobs):
+        train(stack_cfg(data_dir, tmp_path / f"alone{n}", kind, job))
+    if graphed:
+        graphs = fake_cuda(monkeypatch)
+        monkeypatch.setattr(fast.FastStep, "uses_graph", lambda self, model: False)
+        from vae_lightning.training.stack import Stack
+
+        monkeypatch.setattr(Stack, "uses_graph", lambda self: True)
+    stacked = [stack_cfg(data_dir, tmp_path / f"stack{n}", kind, job) for n, job in enumerate(jobs)]
+    assert train_group(stacked, [tmp_path / f"stack{n}" for n in range(2)]) == []
+    if graphed:  # 9 steps an epoch in chunks of 4: 2 full a epoch, the fit's first eager
+        assert len(graphs) == 1 and graphs[0].replays == 5
+    for n, c in enumerate(stacked):
+        with open_dict(c):
+            c.resume = True
+        train(c)
+        assert_same_training(tmp_path / f"alone{n}", tmp_path / f"stack{n}", rel=1e-4)

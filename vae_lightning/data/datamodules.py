@@ -178,6 +178,15 @@ class IDXDataModule(L.LightningDataModule):
     def test_dataloader(self) -> InMemoryBatches:
         return self._loader("test", False, self.eval_batch_size)
 
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch by its images' indices into the split (a chunk's, ``IndexChunks``),
+        converted as ``on_after_batch_transfer`` converts a batch; and its labels."""
+        images, labels = self.splits["train"]
+        x = to_unit_float(images[index])
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x)
+        return x, labels[index]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
         training = trainer is not None and trainer.training and self._train_loader is not None

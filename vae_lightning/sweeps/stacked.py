@@ -23,6 +23,7 @@ stack stopped (``RunInterrupted``); each job then resumes alone.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from vae_lightning.run.stops import StopOnSignal
 from vae_lightning.sweeps.fused import stack_device
 from vae_lightning.training import AutomaticStep
 from vae_lightning.training.stack import Stack
+from vae_lightning.training.step import resolve_step
 from vae_lightning.views.measures import PosteriorCollapse
 
 log = logging.getLogger(__name__)
@@ -118,9 +120,9 @@ class StackedBatches:
         for loader in self.loaders:
             loader.load_state_dict(state)
 
-    def mark_consumed(self) -> None:
+    def mark_consumed(self, n: int | None = None) -> None:
         for loader in self.loaders:
-            loader.mark_consumed()
+            loader.mark_consumed() if n is None else loader.mark_consumed(n)
 
     def __len__(self) -> int:
         return len(self.loaders[0])
@@ -130,7 +132,10 @@ class StackedBatches:
             yield from self.loaders[0]
             return
         for batches in zip(*self.loaders, strict=True):
-            yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+            if isinstance(batches[0], torch.Tensor):  # chunks of the batches' indices
+                yield torch.stack(batches)
+            else:
+                yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
 
 
 class StackedData(L.LightningDataModule):
@@ -139,13 +144,16 @@ class StackedData(L.LightningDataModule):
     each job's images from its own generator, as its DataModule draws them from the job's
     global RNG."""
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
+    def __init__(self, jobs: Sequence[Job], chunk: int = 1, limit: Any = 1.0) -> None:
         super().__init__()
         self.jobs = list(jobs)
         first = self.jobs[0].datamodule
+        self.batch_size = first.batch_size
         self.dynamic = first.binarize == "dynamic"
         self.shared = not self.dynamic and all(j.datamodule.seed == first.seed for j in jobs)
         self._train: StackedBatches | None = None
+        for dm in self._members():  # chunks of batches' indices for a stack in chunks
+            dm.batches_per_step, dm.train_limit = chunk, limit
 
     def _members(self) -> list[Any]:
         return [self.jobs[0].datamodule] if self.shared else [j.datamodule for j in self.jobs]
@@ -165,15 +173,31 @@ class StackedData(L.LightningDataModule):
     def val_dataloader(self) -> StackedBatches:
         return StackedBatches([dm.val_dataloader() for dm in self._members()])
 
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The training images of a chunk's batch by their indices (n,) into the shared split,
+        or (J, n) one per job, converted (and binarized) as the batches are."""
+        if self.shared:
+            return self.jobs[0].datamodule.gather(index)[0]
+        x = torch.stack([to_unit_float(job.datamodule.splits["train"][0][index[j]])
+                         for j, job in enumerate(self.jobs)])  # fmt: skip
+        return self._binarized(x)
+
+    def _binarized(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic:
+            return x
+        return torch.stack([torch.bernoulli(x[j], generator=job.generator)
+                            for j, job in enumerate(self.jobs)])  # fmt: skip
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        training = self.trainer is not None and self.trainer.training and self._train is not None
+        if isinstance(batch, torch.Tensor):  # a chunk's indices: the stack gathers each batch
+            if training:
+                self._train.mark_consumed(math.ceil(batch.shape[-1] / self.batch_size))
+            return batch
         x, y = batch
-        if self.trainer is not None and self.trainer.training and self._train is not None:
+        if training:
             self._train.mark_consumed()  # this batch goes to a training step now
-        x = to_unit_float(x)
-        if self.dynamic:
-            x = torch.stack([torch.bernoulli(x[j], generator=job.generator)
-                             for j, job in enumerate(self.jobs)])  # fmt: skip
-        return x, y
+        return self._binarized(to_unit_float(x)), y
 
 
 # --- what each job's folder receives -------------------------------------------------------------
@@ -316,7 +340,7 @@ class Group:
         own["callbacks"] = self._callback_states(j)
         own["vae_lightning"] = {
             "model_class": type(model).__name__,
-            "step": {"epoch_means": state["epoch_means"]},
+            "step": {"epoch_means": state["epoch_means"], "kind": state["kind"]},
             "dataset": job.datamodule.dataset_name,
             "fused": {"jobs": len(self.jobs),
                       "fit_share_s": (time.perf_counter() - self.t_start) / len(self.jobs)},
@@ -384,7 +408,12 @@ def train_group(
     when ``pending`` holds a signal that came while the jobs were being built)."""
     device = stack_device(cfgs[0].trainer)
     jobs = [build_job(c, d, device) for c, d in zip(cfgs, output_dirs, strict=True)]
-    stack = Stack([job.model for job in jobs], [job.generator for job in jobs])
+    # the jobs' own step: in chunks when it is the fast one (their runs then continue the
+    # stack's checkpoints with it)
+    name, fast = resolve_step(cfgs[0].get("step"), "cuda" if device.type == "cuda" else "cpu")
+    chunk = int(fast.get("chunk", 16)) if name == "fast" else 1
+    stack = Stack([job.model for job in jobs], [job.generator for job in jobs], chunk=chunk,
+                  cuda_graph=bool(fast.get("cuda_graph", True)))  # fmt: skip
     group = Group(jobs, stack)
     stack.on_drop = group.drop
     loggers = [JobLogger(f"job{j}/", job.loggers, dict(job.model.hparams))
@@ -395,6 +424,9 @@ def train_group(
     if any(job.collapse is not None for job in jobs):
         callbacks.append(StackedCollapse(jobs, loggers))
     trainer_cfg = cfgs[0].trainer
+    limits = {k: trainer_cfg[k] for k in TRAINER_KEYS if trainer_cfg.get(k) is not None}
+    # a stack in chunks: the loaders apply limit_train_batches, in batches
+    train_limit = limits.pop("limit_train_batches", 1.0) if chunk > 1 else 1.0
     if trainer_cfg.get("enable_progress_bar", True):
         callbacks += [cb for cb in jobs[0].callbacks if isinstance(cb, ProgressBar)]
     trainer = L.Trainer(
@@ -402,12 +434,12 @@ def train_group(
         callbacks=callbacks, logger=loggers if any(job.loggers for job in jobs) else False,
         plugins=[JobCheckpoints(group, stack_path)],
         num_sanity_val_steps=0,  # its draws would come from the jobs' own generators
-        default_root_dir=str(jobs[0].output_dir),
-        **{k: trainer_cfg[k] for k in TRAINER_KEYS if trainer_cfg.get(k) is not None},
+        default_root_dir=str(jobs[0].output_dir), **limits,
     )  # fmt: skip
     group.trainer = trainer
     with signals:
         if pending:
             signals.received = pending[0]
-        trainer.fit(stack, datamodule=StackedData(jobs))
+        data = StackedData(jobs, chunk, train_limit)
+        trainer.fit(stack, datamodule=data)
     return sorted(group.dropped)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import Autoencoder
 from vae_lightning.models.ae import CodeMoments
+from vae_lightning.training.chunks import ChunkRunner, adam
 from vae_lightning.training.step import EpochMeans
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,10 @@ class Stack(L.LightningModule):
     values under ``job<j>/``: ``job<j>/train/loss_step`` at the steps where Lightning writes
     step metrics, the epoch means ``job<j>/train/<term>`` and ``job<j>/val/<term>``.
     ``generators``: each job's noise (default: seeded 0, 1, ...). ``on_drop(j)``: called when
-    job j's loss turns non-finite and it leaves the stack.
+    job j's loss turns non-finite and it leaves the stack. ``chunk`` > 1: ``chunk`` optimizer
+    steps per Lightning step, as the fast step takes them (``chunks.ChunkRunner``; a full
+    chunk in one CUDA graph on a GPU with ``cuda_graph``), on the indices of the jobs' batches
+    that the DataModule hands over (its ``gather`` makes the batches).
     """
 
     def __init__(
@@ -117,8 +122,13 @@ class Stack(L.LightningModule):
         models: Sequence[Autoencoder],
         generators: Sequence[torch.Generator] | None = None,
         on_drop: Callable[[int], None] | None = None,
+        chunk: int = 1,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
+        self.chunk, self.cuda_graph = chunk, cuda_graph
+        self.automatic_optimization = chunk == 1
+        self.runner: ChunkRunner | None = None
         self.hparams_of = _check_stackable(models)
         self.kind = type(models[0])
         self.latent_dims = [m.latent_dim for m in models]
@@ -212,13 +222,23 @@ class Stack(L.LightningModule):
     # --- Lightning's hooks ---------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = list(self.stacked()[0].values())
+        if self.chunk > 1:
+            return adam(params, self.lr, self.fused_adam, self.uses_graph())
         return torch.optim.Adam(params, lr=self.lr, fused=self.fused_adam or None)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        xs, _ = batch
+    def uses_graph(self) -> bool:
+        """Whether full chunks are captured: on CUDA, unless the jobs are AEs (their codes'
+        moments are host work)."""
+        on_cuda = self.beta.device.type == "cuda"
+        return self.chunk > 1 and self.cuda_graph and on_cuda and "code_mean" not in self._names
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if batch_idx == 0:  # a new epoch
             self.means.reset("train")
             self.codes = CodeMoments() if "code_mean" in self._buffer_names else None
+        if self.chunk > 1:
+            return self._chunk_step(batch, batch_idx)
+        xs, _ = batch
         n = xs.size(0) if self.shared(xs) else xs.size(1)
         out = self.terms(xs, self.draw_noise(n))
         objective = out.get("objective", out["loss"])  # (J,)
@@ -235,6 +255,48 @@ class Stack(L.LightningModule):
             self._log_jobs({f"train/{k}": v for k, v in self.means.pop("train").items()})
         alive = torch.tensor(self.alive, device=objective.device)
         return torch.where(alive, objective, torch.zeros_like(objective)).sum()
+
+    def _chunk_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """A chunk of the jobs' batches (their indices (J, n), or (n,) when shared): the steps
+        by the chunk runner; then the jobs it found non-finite leave, Lightning counts a step
+        per batch, and the jobs' values are logged as ``training_step`` logs them."""
+        trainer, data = self._trainer, self._trainer.datamodule
+        if self.runner is None:
+            self.runner = ChunkRunner(self.chunk, self.uses_graph(), self.generators)
+            self._alive = torch.tensor(self.alive, device=self.beta.device)
+        batches = list(batch.split(data.batch_size, dim=-1))
+        result = self.runner.run(self._step_fn(data), batches, None)
+        self.means.add_sums("train", result.sums, result.images, result.keys)
+        bad = result.first_bad.tolist()  # the chunk's one host synchronisation
+        self._drop_non_finite(torch.tensor([math.nan if b >= 0 else 0.0 for b in bad]))
+        self._alive.copy_(torch.tensor(self.alive))
+        optimizer, start = self.optimizers(), self.global_step
+        for _ in batches:
+            optimizer.step()
+        logged = [k for k in range(len(batches)) if (start + k + 1) % trainer.log_every_n_steps
+                  == 0]  # fmt: skip
+        if logged:
+            self._log_jobs({"train/loss_step": result.losses[logged[-1]]}, on_step=True)
+        if batch_idx == trainer.num_training_batches - 1:
+            self._log_jobs({f"train/{k}": v for k, v in self.means.pop("train").items()})
+
+    def _step_fn(self, data: Any):
+        """One step of every job on its batch: the terms, the live jobs' objectives' backward,
+        one Adam step for the stack."""
+        optimizer = self._trainer.optimizers[0].adam
+
+        def step(index: torch.Tensor, beta: Any, k: int) -> dict[str, torch.Tensor]:
+            xs = data.gather(index)  # (B, ...) for all jobs, or (J, B, ...) one per job
+            out = self.terms(xs, self.draw_noise(index.shape[-1]))
+            objective = out.get("objective", out["loss"])  # (J,)
+            if self.codes is not None:
+                self.codes.update(out["z"])  # (J, B, d_max)
+            optimizer.zero_grad(set_to_none=True)
+            torch.where(self._alive, objective, torch.zeros_like(objective)).sum().backward()
+            optimizer.step()
+            return {k: v for k, v in out.items() if v.ndim == 1}
+
+        return step
 
     def on_train_epoch_end(self) -> None:
         fitted = self.codes.fit() if self.codes is not None else None
@@ -313,7 +375,8 @@ class Stack(L.LightningModule):
     def job_state(self, j: int) -> dict[str, Any]:
         """What job ``j``'s own run would hold besides its weights: its partial epoch's means
         and (an AE) codes' moments, in the forms ``AutomaticStep`` and ``AE`` save them."""
-        state: dict[str, Any] = {"epoch_means": {}}
+        state: dict[str, Any] = {"epoch_means": {}, "kind": "fast" if self.chunk > 1 else
+                                 "automatic"}  # fmt: skip
         for stage, acc in self.means.state_dict().items():
             state["epoch_means"][stage] = {**acc, "sums": acc["sums"][:, j].detach().cpu()}
         if self.codes is not None and self.codes.total is not None:

@@ -216,12 +216,10 @@ FAST_ON_CUDA = False
 STEPS = ("auto", "automatic", "fast")
 
 
-def attach(model: Autoencoder, settings: Any = None, accelerator: str = "cpu") -> AutomaticStep:
-    """Attach the step that trains ``model`` (train.py's): ``settings`` is the config's
-    ``step`` (``name``: automatic, fast or auto; the fast step's ``chunk`` and ``cuda_graph``)
-    for a trainer on ``accelerator``. A ConfigError names the key (``step.chunk``, or the
-    model's ``model.kl.length`` when its schedules are refused)."""
-    from vae_lightning.errors import ConfigError, check_choice
+def resolve_step(settings: Any, accelerator: str) -> tuple[str, dict[str, Any]]:
+    """The step the config's ``step`` settings choose for a trainer on ``accelerator``
+    (``auto`` resolved): ``automatic`` or ``fast``, and the fast step's options."""
+    from vae_lightning.errors import check_choice
 
     spec = {str(k): v for k, v in (settings or {}).items()}
     name = check_choice("step.name", spec.pop("name", "automatic"), STEPS)
@@ -230,6 +228,17 @@ def attach(model: Autoencoder, settings: Any = None, accelerator: str = "cpu") -
             accelerator == "auto" and torch.cuda.is_available()
         )
         name = "fast" if cuda and FAST_ON_CUDA else "automatic"
+    return name, spec
+
+
+def attach(model: Autoencoder, settings: Any = None, accelerator: str = "cpu") -> AutomaticStep:
+    """Attach the step that trains ``model`` (train.py's): ``settings`` is the config's
+    ``step`` (``name``: automatic, fast or auto; the fast step's ``chunk`` and ``cuda_graph``)
+    for a trainer on ``accelerator``. A ConfigError names the key (``step.chunk``, or the
+    model's ``model.kl.length`` when its schedules are refused)."""
+    from vae_lightning.errors import ConfigError
+
+    name, spec = resolve_step(settings, accelerator)
     step = AutomaticStep()
     if name == "fast":
         from vae_lightning.training.fast import FastStep
