@@ -63,6 +63,14 @@ def _loss(model: Any, x: torch.Tensor) -> torch.Tensor:
     return out.get("objective", out["loss"])
 
 
+def _step(model: Any, adam: torch.optim.Optimizer, images: torch.Tensor, index: Any) -> None:
+    """One eager training step on the batch ``images[index]`` (uint8, converted here)."""
+    loss = _loss(model, images[index].float().div_(255.0))
+    adam.zero_grad(set_to_none=True)
+    loss.backward()
+    adam.step()
+
+
 def bare_epoch(name: str, data_dir: Path, images: torch.Tensor, seed: int) -> float:
     """(b) the eager loop of pytorch/examples over the split on the GPU (uint8, converted per
     batch), Adam's fused kernel."""
@@ -71,10 +79,7 @@ def bare_epoch(name: str, data_dir: Path, images: torch.Tensor, seed: int) -> fl
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for index in torch.randperm(len(images), device=images.device).split(size):
-        loss = _loss(model, images[index].float().div_(255.0))
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
+        _step(model, adam, images, index)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -108,10 +113,7 @@ def graph_epoch(name: str, data_dir: Path, images: torch.Tensor, seed: int) -> f
     index = torch.zeros(size, dtype=torch.long, device="cuda")
 
     def step() -> None:
-        loss = _loss(model, images[index].float().div_(255.0))
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
+        _step(model, adam, images, index)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -130,10 +132,7 @@ def graph_epoch(name: str, data_dir: Path, images: torch.Tensor, seed: int) -> f
             index.copy_(batch)
             graph.replay()
         else:
-            loss = _loss(model, images[batch].float().div_(255.0))
-            adam.zero_grad(set_to_none=True)
-            loss.backward()
-            adam.step()
+            _step(model, adam, images, batch)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 

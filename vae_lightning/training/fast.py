@@ -30,7 +30,6 @@ from torch import Tensor
 
 from vae_lightning.errors import ConfigError, NonFiniteLossError, check_int
 from vae_lightning.training.chunks import ChunkRunner, adam
-from vae_lightning.training.schedules import lr_scheduler
 from vae_lightning.training.step import AutomaticStep, scalars
 
 if TYPE_CHECKING:
@@ -80,15 +79,9 @@ class FastStep(AutomaticStep):
         eligible = plain and not model.hparams.compile and not world()
         return self.cuda_graph and model.device.type == "cuda" and eligible
 
-    def configure_optimizers(self, model: Autoencoder) -> Any:
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adam(trained, model.lr, model.hparams.fused_adam, self.uses_graph(model))
-        trainer = model._trainer
-        max_epochs = (trainer.max_epochs if trainer is not None else None) or 1
-        scheduler = lr_scheduler(optimizer, self.scheduler, max_epochs)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+    def optimizer(self, model: Autoencoder, params: list[Tensor]) -> torch.optim.Optimizer:
+        """Adam as Lightning sees it under chunks (its rate a device tensor for a graph)."""
+        return adam(params, model.lr, model.hparams.fused_adam, self.uses_graph(model))
 
     def schedule_lengths(self, trainer: Any) -> tuple[int, int]:
         return self._batches, self._batches * int(trainer.max_epochs or 1)

@@ -114,17 +114,19 @@ class AutomaticStep:
             model.terms_fn = torch.compile(model.terms)
 
     def configure_optimizers(self, model: Autoencoder) -> Any:
-        # fused: one kernel for all parameters instead of a Python loop over them; the same
-        # update (to float rounding), and on CPU the single largest saving after the data path
         trained = [p for p in model.parameters() if p.requires_grad]  # not the frozen features
-        fused = model.hparams.fused_adam or None
-        optimizer = torch.optim.Adam(trained, lr=model.lr, fused=fused)
+        optimizer = self.optimizer(model, trained)
         trainer = model._trainer
         max_epochs = (trainer.max_epochs if trainer is not None else None) or 1
         scheduler = lr_scheduler(optimizer, self.scheduler, max_epochs)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def optimizer(self, model: Autoencoder, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        # fused: one kernel for all parameters instead of a Python loop over them; the same
+        # update (to float rounding), and on CPU the single largest saving after the data path
+        return torch.optim.Adam(params, lr=model.lr, fused=model.hparams.fused_adam or None)
 
     def kl_weight(self, model: Autoencoder, offset: int = 0) -> float | None:
         """The scheduled KL weight of the training step ``offset`` steps after the trainer's
