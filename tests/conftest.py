@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import io
+import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -18,9 +22,12 @@ import torch
 from omegaconf import DictConfig
 
 from vae_lightning.config import REPO_ROOT, compose, cores
+from vae_lightning.data import MNISTDataModule
 from vae_lightning.data.sources import DATASETS, idx_bytes
 
 N_TRAIN, N_TEST = 640, 256
+# the checkpoints and run folders written by earlier versions of the code (fixtures/*/README.md)
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,6 +123,33 @@ def small_overrides(data_dir: Path, output_dir: Path) -> list[str]:
     return [f"paths.data_dir={data_dir}", f"paths.output_dir={output_dir}", *SMALL]
 
 
+def quiet(data_dir: Path, *extra: str) -> list[str]:
+    """vae-train's arguments for a small run on ``data_dir`` without loggers, then ``extra``."""
+    return [f"paths.data_dir={data_dir}", *SMALL, "logger=none", *extra]
+
+
+# a run of 16 steps an epoch (512 training images in batches of 32), checkpointed every epoch
+RESUME = [
+    "callbacks=minimal",
+    "data.batch_size=32",
+    "trainer.max_epochs=4",
+    "trainer.log_every_n_steps=5",
+    "threads=1",
+]
+
+
+def mnist_module(data_dir: Path, **kwargs) -> MNISTDataModule:
+    """An MNISTDataModule of the synthetic data, prepared and set up for fit."""
+    kwargs.setdefault("verify", False)
+    kwargs.setdefault("download", False)
+    kwargs.setdefault("val_size", 100)
+    kwargs.setdefault("batch_size", 32)
+    module = MNISTDataModule(data_dir=str(data_dir), **kwargs)
+    module.prepare_data()
+    module.setup("fit")
+    return module
+
+
 @pytest.fixture
 def compose_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose conf/train.yaml with overrides, pointed at synthetic data and tmp_path."""
@@ -203,3 +237,82 @@ def start_together(*args: str, n: int = 2) -> None:
     ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its md5: what "byte-for-byte unchanged" compares."""
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command failed with exactly one ``error:`` line naming ``fragments``, and no
+    traceback; the line is returned without its ``error: `` prefix."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0][len("error: ") :]
+
+
+class RunsCode:
+    """Unpickling it would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def history(folder: Path) -> list[dict[str, float]]:
+    """A run folder's history.csv, a dict of floats per epoch (an empty cell is nan)."""
+    with open(folder / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) if v else math.nan for k, v in row.items()} for row in rows]
+
+
+def assert_same_run(a: Path, b: Path, rel: float = 1e-4) -> None:
+    """Two run folders recorded the same training: every history value and final metric."""
+    ha, hb = history(a), history(b)
+    assert len(ha) == len(hb)
+    for ra, rb in zip(ha, hb, strict=True):
+        metrics = [k for k in ra if "/" in k and not k.startswith("time/")]
+        assert set(metrics) == {k for k in rb if "/" in k and not k.startswith("time/")}
+        for k in metrics:
+            assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-5), (a.name, ra["epoch"], k)
+    ma = json.loads((a / "metrics.json").read_text())["metrics"]
+    mb = json.loads((b / "metrics.json").read_text())["metrics"]
+    assert set(ma) == set(mb)
+    for k, v in ma.items():
+        assert mb[k] == pytest.approx(v, rel=rel, abs=1e-4), (a.name, k)
+
+
+# a sweep's jobs on the synthetic data (debug=fast unless a test says otherwise)
+SWEEP = [
+    "data.verify=false",
+    "data.download=false",
+    "data.val_size=128",
+    "trainer.accelerator=cpu",
+    "callbacks.latent_probe.max_train=200",
+]
+
+
+def job_records(sweep_dir: Path) -> dict[str, dict]:
+    """Each job's metrics.json by its folder's name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def run_sweep(data_dir: Path, sweep_dir: Path, *args: str, status: int = 0):
+    """A multirun of debug=fast jobs (``run_multirun``: in this process under the basic
+    launcher), which must exit with ``status``."""
+    result = run_multirun(
+        "debug=fast", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}", *SWEEP, *args
+    )
+    assert result.returncode == status, result.stderr[-3000:]
+    return result

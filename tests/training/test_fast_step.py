@@ -152,12 +152,12 @@ def test_a_bad_fast_step_setting_is_one_line_naming_its_key(data_dir, tmp_path):
 
 def test_step_auto_is_the_fast_step_on_a_gpu_only_once_measured_there(monkeypatch):
     from vae_lightning.models import VAE
-    from vae_lightning.training import AutomaticStep, attach, step
+    from vae_lightning.training import AutomaticStep, attach, choice
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for accelerator, on_gpu in (("cpu", False), ("auto", True), ("gpu", True)):
         chosen = attach(VAE(latent_dim=2, hidden_dim=8), {"name": "auto"}, accelerator)
-        kind = fast.FastStep if on_gpu and step.FAST_ON_CUDA else AutomaticStep
+        kind = fast.FastStep if on_gpu and choice.FAST_ON_CUDA else AutomaticStep
         assert type(chosen) is kind, accelerator
 
 

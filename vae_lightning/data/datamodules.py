@@ -115,16 +115,18 @@ class IDXDataModule(L.LightningDataModule):
             self._check(idx_shape(self.raw_dir / SPLIT_FILES["train_images"]))
 
     def _check(self, shape: tuple[int, ...]) -> None:
-        """``shape``: the training images' (N, H, W), against image_shape and val_size."""
+        """``shape``: the training images' (N, H, W), against image_shape and val_size. Found
+        when the files are read, after the config was instantiated: the errors name the config's
+        keys whole (``data.val_size``)."""
         if tuple(shape[1:]) != self.image_shape[1:] or self.image_shape[0] != 1:
             raise ConfigError(
-                "image_shape",
+                "data.image_shape",
                 f"is {list(self.image_shape)} but {self.raw_dir} holds images of shape "
                 f"{[1, *shape[1:]]}",
             )
         if not self.val_on_test and self.val_size >= shape[0]:
             raise ConfigError(
-                "val_size", f"must be < {shape[0]} (the training set), got {self.val_size}"
+                "data.val_size", f"must be < {shape[0]} (the training set), got {self.val_size}"
             )
 
     def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -44,9 +44,8 @@ from vae_lightning.run.checkpoints import AtomicCheckpointIO
 from vae_lightning.run.history import History
 from vae_lightning.run.stops import StopOnSignal
 from vae_lightning.sweeps.fused import stack_device
-from vae_lightning.training import AutomaticStep
+from vae_lightning.training import AutomaticStep, resolve_step
 from vae_lightning.training.stack import Stack
-from vae_lightning.training.step import resolve_step
 from vae_lightning.views.measures import PosteriorCollapse
 
 log = logging.getLogger(__name__)

@@ -1,19 +1,20 @@
-"""The visual and probing callbacks on tiny runs: files, TensorBoard tags, values."""
+"""The callbacks that draw and measure while a model trains (views.images, views.measures) on
+tiny runs: the files and TensorBoard images they write, the probe's and the collapse's results
+in metrics.json, an AE's views, the contract they check at setup, fast_dev_run, seeded examples,
+and a run's memory with every callback on."""
 
 import json
+import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vae_lightning.errors import ConfigError
-from vae_lightning.evaluation.metrics import LatentMoments, active_units
-from vae_lightning.evaluation.probes import fit_probes
-from vae_lightning.models import eval_mode
 from vae_lightning.train import train
-from vae_lightning.views import grids, publish
 from vae_lightning.views.images import Interpolations, Reconstructions
 
 IMAGE_TAGS = {
@@ -128,33 +129,6 @@ def test_callbacks_work_under_fast_dev_run(compose_cfg):
     assert not (out / "tensorboard").exists()  # loggers are off under fast_dev_run
 
 
-def test_probe_is_near_perfect_on_separable_latents_and_chance_on_shuffled_labels():
-    rng = np.random.default_rng(0)
-    y_train, y_test = rng.integers(0, 10, 2000), rng.integers(0, 10, 500)
-
-    def feats(y):
-        return np.eye(10)[y] * 3 + rng.normal(scale=0.3, size=(len(y), 10))
-
-    res = fit_probes(feats(y_train), y_train, feats(y_test), y_test)
-    assert min(res.accuracy.values()) > 0.98
-    assert res.confusion.sum() == 500
-    shuffled = fit_probes(feats(y_train), rng.permutation(y_train), feats(y_test), y_test)
-    assert max(shuffled.accuracy.values()) < 0.2
-
-
-def test_active_units_match_a_hand_computed_case():
-    # mu over 4 "images": per-dimension variances 0, 0.005, 0.02 and 1 (alternating +-sqrt(v))
-    signs = torch.tensor([1.0, -1.0, 1.0, -1.0]).unsqueeze(1)
-    variances = torch.tensor([0.0, 0.005, 0.02, 1.0])
-    mu = 5.0 + signs * variances.sqrt()  # (4, 4), an offset mean does not matter
-    moments = LatentMoments()
-    moments.update(mu[:3])
-    moments.update(mu[3:])  # in two batches
-    assert torch.allclose(moments.mu_variance().float(), variances, atol=1e-6)
-    assert active_units(moments.mu_variance()) == 2
-    assert active_units(moments.mu_variance(), threshold=0.001) == 3
-
-
 def test_fixed_examples_depend_on_the_seed_only(data_dir):
     from types import SimpleNamespace
 
@@ -181,30 +155,48 @@ def test_bad_callback_values_name_the_key(key):
     assert info.value.key == name
 
 
-def test_publish_writes_a_png_and_a_tensorboard_image_and_eval_mode_restores(tmp_path):
-    from matplotlib.figure import Figure
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
+@pytest.mark.slow
+def test_memory_stays_flat_over_many_epochs(compose_cfg, tmp_path):
+    """Resident memory after epoch 10 and after epoch 40 of a tiny run with every callback on."""
 
-    fig = Figure(figsize=(2, 1), dpi=100)
-    fig.subplots().plot([0, 1], [1, 0])
-    grid = grids.grid(torch.rand(6, 1, 28, 28), nrow=3)  # (3, 2 + 2 * 30, 2 + 3 * 30)
-    with SummaryWriter(str(tmp_path / "tb")) as writer:
-        publish.publish(fig, tmp_path / "fig.png", "t/fig", step=3, writers=[writer])
-        publish.publish(grid, tmp_path / "grid.png", "t/grid", step=4, writers=[writer])
-    assert Image.open(tmp_path / "fig.png").size == (200, 100)  # figsize x dpi
-    png = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png").convert("RGB")))
-    assert torch.equal(png.permute(2, 0, 1), (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8))
-    assert not list(tmp_path.glob(".*.part"))  # nothing half-written left beside them
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
-    acc.Reload()
-    (fig_event,) = acc.Images("t/fig")
-    (grid_event,) = acc.Images("t/grid")
-    assert (fig_event.step, fig_event.width, fig_event.height) == (3, 200, 100)
-    assert (grid_event.step, grid_event.height, grid_event.width) == (4, 62, 92)
+    class Rss(L.Callback):
+        def __init__(self):
+            self.mb = []
 
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
-    with pytest.raises(RuntimeError, match="inside"), eval_mode(model):
-        assert not model.training and not torch.is_grad_enabled()
-        raise RuntimeError("inside")
-    assert model.training and model[1].training and torch.is_grad_enabled()
+        def on_train_epoch_end(self, trainer, pl_module):
+            with open("/proc/self/statm") as f:
+                self.mb.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+    rss = Rss()
+    import vae_lightning.run.history as cbs
+
+    cfg = compose_cfg(
+        "trainer.max_epochs=40",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.latent_probe.max_train=100",
+        "callbacks.latent_space.every_n_epochs=5",
+        "callbacks.latent_space.projector_n=0",
+    )
+    original = cbs.History.__init__
+
+    def with_rss(self, path):  # ride along with the callback train.py always adds
+        original(self, path)
+        self.rss = rss
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(cbs.History, "__init__", with_rss)
+    monkey.setattr(
+        cbs.History,
+        "on_train_epoch_end",
+        (lambda f: lambda self, t, m: (f(self, t, m), self.rss.on_train_epoch_end(t, m)))(
+            cbs.History.on_train_epoch_end
+        ),
+    )
+    try:
+        train(cfg)
+    finally:
+        monkey.undo()
+    assert len(rss.mb) == 40
+    growth = rss.mb[-1] - rss.mb[9]
+    assert growth < 25, f"resident memory grew {growth:.1f} MB over 30 epochs: {rss.mb[9::10]}"

@@ -1,20 +1,18 @@
-"""The VQ-VAE (model=vq_vae) and its second stage (vae-prior): the quantiser's updates, the
-PixelCNN's causality and normalisation (what the bound needs), a real CLI run on both datasets,
-and the two stages through training, reload and vae-prior (vae-evaluate of a fitted prior:
-test_zoo.py)."""
+"""The VQ-VAE (model=vq_vae): the quantiser's updates, the PixelCNN's causality and
+normalisation (what the bound needs), and a fitted prior's pricing of the codes. (Its second
+stage, vae-prior: tests/studies/test_prior.py; vae-evaluate of a fitted prior:
+tests/studies/test_zoo.py.)"""
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest
 import torch
 
-from tests.conftest import SMALL, run_here
 from vae_lightning.errors import ConfigError
-from vae_lightning.models import VAE, VQVAE
+from vae_lightning.models import VQVAE
 from vae_lightning.models.networks import PixelCNN
 
 
@@ -93,53 +91,3 @@ def test_bad_vq_settings_are_refused_naming_the_key():
         VQVAE(channels=[32, 64, 128])
     with pytest.raises(ConfigError, match="kl schedules a VAE's KL term, and a VQ-VAE has none"):
         VQVAE(kl={"name": "warmup", "length": 2})
-
-
-@pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
-def test_debug_fast_runs_the_vq_vae_on_each_dataset(data_dir, tmp_path, data):
-    out = tmp_path / "run"
-    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                    "model=vq_vae", f"data={data}", "debug=fast")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads((out / "metrics.json").read_text())
-    assert record["status"] == "ok"
-    assert 0 < record["metrics"]["test/usage"] <= 1
-
-
-def test_vae_prior_refuses_another_model_and_a_missing_checkpoint(tmp_path):
-    ckpt = tmp_path / "vae.ckpt"
-    torch.save({"state_dict": VAE().state_dict(), "vae_lightning": {"model_class": "VAE"}}, ckpt)
-    done = run_here("vae-prior", f"ckpt={ckpt}")
-    assert done.returncode == 2
-    assert "ckpt holds a VAE; vae-prior fits the code prior of a VQ-VAE" in done.stderr
-    done = run_here("vae-prior")
-    assert done.returncode == 2 and "ckpt is required" in done.stderr
-
-
-@pytest.mark.slow
-def test_both_stages_train_and_reload(feature_data_dir, tmp_path):
-    out = tmp_path / "run"
-    done = run_here("vae-train", f"paths.data_dir={feature_data_dir}",
-                    f"hydra.run.dir={out}", *SMALL, "model=vq_vae", "model.codebook_size=32",
-                    "trainer.max_epochs=3", "callbacks.latent_probe.max_train=200")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = (out / "history.csv").read_text().splitlines()
-    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
-    recon = [float(r[header.index("train/recon")]) for r in rows]
-    assert recon[-1] < recon[0]
-    for view in ("reconstructions", "samples_uniform_codes", "interpolations"):
-        assert (out / "images" / f"images_{view}_epoch003.png").is_file(), view
-    last = out / "checkpoints" / "last.ckpt"
-    model = VQVAE.load_from_checkpoint(last, map_location="cpu")
-    assert model.hparams.codebook_size == 32 and not bool(model.prior_fitted)
-
-    done = run_here("vae-prior", f"ckpt={last}", "epochs=3", "accelerator=cpu")
-    assert done.returncode == 0, done.stderr[-2000:]
-    fitted = out / "checkpoints" / "prior.ckpt"
-    model = VQVAE.load_from_checkpoint(fitted, map_location="cpu")
-    assert bool(model.prior_fitted)
-    record = torch.load(fitted, weights_only=True)["vae_lightning"]["prior"]
-    assert record["prior/val_nll"] < 49 * math.log(32)  # better than the uniform prior
-    assert (out / "prior").is_dir()  # its TensorBoard logs
-    again = run_here("vae-prior", f"ckpt={last}")
-    assert again.returncode == 2 and "overwrite=true" in again.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -291,43 +290,18 @@ def test_only_failed_runs_still_make_a_report(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.png")) and "## Plots" not in text
 
 
-def test_main_writes_and_logs(
-    sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="vae_lightning.studies.report")
-    assert main([f"dir={sweep}", f"out={tmp_path / 'out'}"]) == 0
-    assert (tmp_path / "out" / "REPORT.md").is_file()
-    assert f"report written: {tmp_path / 'out' / 'REPORT.md'}" in caplog.text
+def test_main_writes_the_report_into_out_and_nothing_into_dir(sweep: Path, tmp_path: Path) -> None:
+    before = {p for p in sweep.rglob("*")}
+    out = tmp_path / "out"
+    assert main([f"dir={sweep}", f"out={out}"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"REPORT.md", "summary.csv", "val_curves.png"}
+    assert "6 runs: 4 ok, 1 failed, 1 unreadable." in (out / "REPORT.md").read_text()
+    assert len(read_csv(out / "summary.csv")) == 6
+    assert {p for p in sweep.rglob("*")} == before
 
 
-@pytest.mark.parametrize("make", [False, True], ids=["missing", "empty"])
-def test_main_fails_clearly_without_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture, make: bool
-) -> None:
-    folder = tmp_path / "nothing"
-    if make:
-        (folder / "runs" / ".hydra").mkdir(parents=True)
-        (folder / "runs" / ".hydra" / "metrics.json").write_text("{}")  # not a run folder
-    assert main([f"dir={folder}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: dir ") and err.count("\n") == 1  # one line, naming the key
-    assert str(folder) in err and "metrics.json" in err and "make train" in err
-    if make:
-        assert f"no run folder (a folder with metrics.json) below {folder}" in err
-    else:
-        assert "does not exist" in err
-    assert not (folder / "REPORT.md").exists()
-
-
-def test_main_needs_a_folder(capsys: pytest.CaptureFixture) -> None:
-    assert main([]) == 2
-    assert capsys.readouterr().err.startswith("error: dir is required")
-
-
-DIR_HINT = (
-    "expected a folder holding run folders (folders with metrics.json); train with `make train` "
-    "or `make sweep` first"
-)
+NO_RUNS_HINT = "train with `make train` or `make sweep` first"
+DIR_HINT = "expected a folder holding run folders (folders with metrics.json); " + NO_RUNS_HINT
 OUT_HINT = (
     "give the folder for REPORT.md, summary.csv and the plots (created when missing), or "
     "out=null to write into dir"
@@ -344,41 +318,44 @@ def written_reports(root: Path) -> list[Path]:
     ("args", "message"),
     [
         (["dir={sweep}", "out={file}"], "out {file} is a file, not a folder: " + OUT_HINT),
+        (
+            ["dir={sweep}", "out={file}/sub"],
+            "out {file}/sub lies below {file}, which is a file: " + OUT_HINT,
+        ),
+        (["dir={sweep}", "out=''"], "out must be the path of a folder, got '': " + OUT_HINT),
         (["dir={tmp}/missing"], "dir {tmp}/missing does not exist: " + DIR_HINT),
         (["dir={file}"], "dir {file} is a file, not a folder: " + DIR_HINT),
+        (
+            ["dir={tmp}/empty"],
+            "dir holds no run folder (a folder with metrics.json) below {tmp}/empty; "
+            + NO_RUNS_HINT,
+        ),
+        ([], "dir is required: a folder holding run folders, e.g. vae-report dir=outputs/<task>"),
     ],
-    ids=["out-is-a-file", "dir-missing", "dir-is-a-file"],
+    ids=[
+        "out-is-a-file",
+        "out-below-a-file",
+        "out-empty",
+        "dir-missing",
+        "dir-is-a-file",
+        "dir-without-runs",
+        "dir-missing-key",
+    ],
 )
-def test_vae_report_cli_refuses_paths_that_are_not_folders(
+def test_vae_report_refuses_a_bad_dir_or_out_in_one_line(
     sweep: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
-    """The real vae-report: one line, exit 2, nothing written (the file is left as it was)."""
+    """The real vae-report: one line naming the key, exit 2, nothing written (the file is left
+    as it was)."""
     file = tmp_path / "notes.txt"
     file.write_text("keep me")
+    (tmp_path / "empty" / "runs" / ".hydra").mkdir(parents=True)
+    (tmp_path / "empty" / "runs" / ".hydra" / "metrics.json").write_text("{}")  # not a run
     values = {"sweep": sweep, "file": file, "tmp": tmp_path}
     result = run_here("vae-report", *(a.format(**values) for a in args))
     assert result.returncode == 2
     assert result.stderr == f"error: {message.format(**values)}\n"
-    assert "Traceback" not in result.stderr
     assert written_reports(tmp_path) == [] and file.read_text() == "keep me"
-
-
-@pytest.mark.parametrize(
-    ("out", "message"),
-    [
-        ("{file}/sub", "out {file}/sub lies below {file}, which is a file: " + OUT_HINT),
-        ("''", "out must be the path of a folder, got '': " + OUT_HINT),
-    ],
-    ids=["below-a-file", "empty"],
-)
-def test_main_refuses_an_out_that_cannot_be_a_folder(
-    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture, out: str, message: str
-) -> None:
-    file = tmp_path / "notes.txt"
-    file.write_text("keep me")
-    assert main([f"dir={sweep}", f"out={out.format(file=file)}"]) == 2
-    assert capsys.readouterr().err == f"error: {message.format(file=file)}\n"
-    assert written_reports(tmp_path) == []
 
 
 def test_main_names_out_when_it_cannot_be_written(

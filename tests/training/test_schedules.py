@@ -1,4 +1,5 @@
-"""Learning-rate schedules (scheduler=): checked values, the rates they give, their config."""
+"""The schedules (training.schedules): the learning rate's (scheduler=) and the KL weight's
+(kl=, with free bits), their checked values, the rates and weights they give, their config."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import VAE
 from vae_lightning.training import AutomaticStep
-from vae_lightning.training.schedules import check_kl, check_scheduler, lr_scheduler
+from vae_lightning.training.schedules import (
+    burda_epochs,
+    burda_factor,
+    check_kl,
+    check_scheduler,
+    lr_scheduler,
+)
 
 
 def rates(spec: dict, max_epochs: int, lr: float = 1.0) -> list[float]:
@@ -41,6 +48,18 @@ def test_plateau_lowers_the_rate_when_val_loss_stops_improving():
         config["scheduler"].step(val_loss)
         seen.append(optimizer.param_groups[0]["lr"])
     assert seen == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_the_burda_schedule_divides_the_rate_by_10_to_the_1_7_every_3_to_the_i_epochs():
+    factors = [burda_factor(e, 8) for e in range(14)]
+    assert factors[0] == 1.0
+    assert factors[1:4] == pytest.approx([10 ** (-1 / 7)] * 3)
+    assert factors[4:13] == pytest.approx([10 ** (-2 / 7)] * 9)
+    assert factors[13] == pytest.approx(10 ** (-3 / 7))
+    assert burda_epochs(8) == 3280 and burda_epochs(3) == 13
+    assert burda_factor(10_000, 3) == pytest.approx(10 ** (-2 / 7))  # the last rate stays
+    with pytest.raises(ConfigError, match=r"scheduler\.stages must be an integer >= 1"):
+        check_scheduler({"name": "burda", "stages": 0})
 
 
 def test_none_is_a_constant_rate_and_the_default():

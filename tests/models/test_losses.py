@@ -1,9 +1,12 @@
+"""The loss terms against independent formulas (nats per image)."""
+
 import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vae_lightning.models.losses import gaussian_kl, mse_per_pixel, recon_bce
+from vae_lightning.models.losses import feature_distance, gaussian_kl, mse_per_pixel, recon_bce
 
 
 def test_kl_of_standard_normal_is_zero():
@@ -50,3 +53,14 @@ def test_mse_is_mean_per_pixel():
     x_hat = torch.zeros(2, 1, 2, 2)
     x = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
     assert torch.allclose(mse_per_pixel(x_hat, x), torch.tensor([0.25, 1.0]))
+
+
+def test_feature_distance_is_the_squared_feature_distance_with_gradients_to_x_hat_only():
+    torch.manual_seed(0)
+    features = nn.Linear(6, 3)
+    x, x_hat = torch.rand(5, 6, requires_grad=True), torch.rand(5, 6, requires_grad=True)
+    d = feature_distance(features, x_hat, x)
+    torch.testing.assert_close(d, (features(x_hat) - features(x)).pow(2).sum(1))
+    assert torch.equal(feature_distance(features, x.detach(), x.detach()), torch.zeros(5))
+    d.sum().backward()
+    assert x.grad is None and x_hat.grad.abs().sum() > 0

@@ -1,5 +1,6 @@
 """vae-bench on the small synthetic data: the JSON it writes and what it derives, its checks
-before any timing (in-process and through the real CLI), and bench.json kept model by model."""
+before any timing (through the real CLI), and bench.json kept model by model. (Its sweep mode:
+tests/studies/test_sweep_bench.py.)"""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ CKPT_HINT = (
         ("train=5", "train must be a list of overrides, got 5"),
         ("train=['nokey=1']", "train holds an override vae-train refuses: Could not override"),
         ("train=['model.latent_dim=0']", "model.latent_dim must be an integer >= 1, got 0"),
+        ("evaluate={tmp}/missing.ckpt", "evaluate {tmp}/missing.ckpt does not exist: " + CKPT_HINT),
         ("evaluate={tmp}", "evaluate {tmp} is a folder, not a file: " + CKPT_HINT),
         (
             "evaluate={tmp}/run/checkpoints/last.ckpt",
@@ -68,37 +70,22 @@ CKPT_HINT = (
         ("data_dir={tmp}/bench.txt", "data_dir {tmp}/bench.txt is a file, not a folder"),
     ],
 )
-def test_bench_refuses_bad_values(tmp_path: Path, capsys, arg: str, message: str) -> None:
+def test_vae_bench_refuses_bad_values_before_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arg: str, message: str
+) -> None:
+    """The real vae-bench: one line, exit 2, before the sgemm peak (its first timing) and
+    before any file is written."""
+    timed = []
+    monkeypatch.setattr(bench, "sgemm_peak", lambda *a, **kw: timed.append(1) or 1.0)
     out = tmp_path / "bench.json"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")  # without its run config
     (tmp_path / "bench.txt").write_text("")
-    args = [f"out={out}", arg.format(tmp=tmp_path)]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {message.format(tmp=tmp_path)}") and err.count("\n") == 1
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    ("arg", "message"),
-    [
-        ("evaluate={tmp}/missing.ckpt", "evaluate {tmp}/missing.ckpt does not exist: " + CKPT_HINT),
-        ("repeats=0", "repeats must be an integer >= 1, got 0"),
-        ("repeats=-3", "repeats must be an integer >= 1, got -3"),
-        ("models=[vae,gan]", "models must be a non-empty list of vae, ae, conv_vae, got"),
-    ],
-    ids=["evaluate-missing", "repeats-0", "repeats-negative", "unknown-model"],
-)
-def test_vae_bench_cli_checks_before_timing(tmp_path: Path, arg: str, message: str) -> None:
-    """The real vae-bench: one line, exit 2, before the sgemm peak (its first timing)."""
-    out = tmp_path / "bench.json"
     result = run_here("vae-bench", f"out={out}", arg.format(tmp=tmp_path))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message.format(tmp=tmp_path)}")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "sgemm peak" not in result.stderr + result.stdout
-    assert not out.exists()
+    assert timed == [] and not out.exists()
 
 
 def test_bench_json_keeps_the_models_done_when_one_fails(
@@ -124,38 +111,3 @@ def test_bench_json_keeps_the_models_done_when_one_fails(
     assert summary == seen[1] and summary["complete"] is False
     assert summary["sgemm_peak_gflops"] == 10.0 and summary["startup_s"] is None
     assert not list(tmp_path.glob(".bench.json.*"))  # no temporary file left beside it
-
-
-@pytest.mark.slow
-def test_bench_sweep_mode_times_each_launcher_on_the_same_grid(data_dir: Path, tmp_path: Path):
-    out = tmp_path / "bench.json"
-    grid = ("train=['data.verify=false','data.download=false','data.val_size=128',"
-            "'model.latent_dim=2,3','model.beta=1','model.hidden_dim=32',"
-            "'callbacks=minimal','logger=none','trainer.accelerator=cpu']")  # fmt: skip
-    args = ["sweep=true", "sweep_launchers=[basic,fused]", "sweep_epochs=2",
-            f"data_dir={data_dir}", f"out={out}", grid]  # fmt: skip
-    assert main(args) == 0
-    summary = json.loads(out.read_text())
-    assert summary["complete"] is True and summary["sweep"]["epochs"] == 2
-    runs = summary["sweep"]["launchers"]
-    assert list(runs) == ["basic", "fused"]
-    for r in runs.values():
-        assert (r["jobs"], r["ok"], r["complete"]) == (2, 2, True)
-        assert r["jobs_per_hour"] == pytest.approx(2 / r["wall_s"] * 3600)
-    assert min(r["over_fastest"] for r in runs.values()) == 1.0
-
-
-@pytest.mark.parametrize(
-    ("arg", "message"),
-    [
-        ("sweep_launchers=[ray]", "sweep_launchers must be a non-empty list of basic, joblib"),
-        ("sweep_epochs=0", "sweep_epochs must be an integer >= 1, got 0"),
-        ("sweep=maybe", "sweep must be true or false, got 'maybe'"),
-    ],
-)
-def test_bench_sweep_mode_refuses_bad_values(tmp_path: Path, capsys, arg: str, message: str):
-    out = tmp_path / "bench.json"
-    sweep = [] if arg.startswith("sweep=") else ["sweep=true"]
-    assert main([*sweep, f"out={out}", arg]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {message}")
-    assert not out.exists()

@@ -1,5 +1,6 @@
-"""The IWAE paper's hierarchical VAE (model=hvae) and its schedule (scheduler=burda): the
-maths against closed forms, a real CLI run on both datasets, reload, and vae-evaluate."""
+"""The IWAE paper's hierarchical VAE (model=hvae): the maths against closed forms, and the
+Burda experiment through the CLI at its rates, reloaded and evaluated. (Its schedule,
+scheduler=burda: tests/training/test_schedules.py.)"""
 
 from __future__ import annotations
 
@@ -13,19 +14,6 @@ from vae_lightning.errors import ConfigError
 from vae_lightning.evaluation.metrics import iwae_bound
 from vae_lightning.models import HVAE
 from vae_lightning.models.losses import gaussian_kl
-from vae_lightning.training.schedules import burda_epochs, burda_factor, check_scheduler
-
-
-def test_the_burda_schedule_divides_the_rate_by_10_to_the_1_7_every_3_to_the_i_epochs():
-    factors = [burda_factor(e, 8) for e in range(14)]
-    assert factors[0] == 1.0
-    assert factors[1:4] == pytest.approx([10 ** (-1 / 7)] * 3)
-    assert factors[4:13] == pytest.approx([10 ** (-2 / 7)] * 9)
-    assert factors[13] == pytest.approx(10 ** (-3 / 7))
-    assert burda_epochs(8) == 3280 and burda_epochs(3) == 13
-    assert burda_factor(10_000, 3) == pytest.approx(10 ** (-2 / 7))  # the last rate stays
-    with pytest.raises(ConfigError, match=r"scheduler\.stages must be an integer >= 1"):
-        check_scheduler({"name": "burda", "stages": 0})
 
 
 def test_one_layer_kl_estimate_averages_to_the_closed_form():
@@ -64,15 +52,6 @@ def test_bad_hvae_settings_are_refused_naming_the_key():
         HVAE(hidden_dims=[200, 0])
     with pytest.raises(ConfigError, match=r"kl\.free_bits needs per-dimension KLs in closed form"):
         HVAE(kl={"name": "constant", "free_bits": 0.5})
-
-
-@pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
-def test_debug_fast_runs_the_hvae_on_each_dataset(data_dir, tmp_path, data):
-    out = tmp_path / "run"
-    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                    "model=hvae", f"data={data}", "debug=fast")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The feature-matching loss (model.feature_loss_weight) and FID's second classifier
-(vae-evaluate classifier_seed): the maths, a real CLI run, its checkpoint and its evaluation."""
+(vae-evaluate classifier_seed): the objective, a real CLI run, its checkpoint and its evaluation.
+(The distance itself: tests/models/test_losses.py; a feature-loss job runs alone in a fused
+sweep: tests/sweeps/test_fused.py.)"""
 
 from __future__ import annotations
 
@@ -8,28 +10,14 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 
 from tests.conftest import SMALL, run_here, write_synthetic
-from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.evaluation.fid import classifier_path
 from vae_lightning.models import AE, VAE, ConvVAE
 from vae_lightning.models.losses import feature_distance
 from vae_lightning.models.networks import FeatureClassifier
-from vae_lightning.sweeps.fused import why_not_fused
 from vae_lightning.training import AutomaticStep
-
-
-def test_feature_distance_is_the_squared_feature_distance_with_gradients_to_x_hat_only():
-    torch.manual_seed(0)
-    features = nn.Linear(6, 3)
-    x, x_hat = torch.rand(5, 6, requires_grad=True), torch.rand(5, 6, requires_grad=True)
-    d = feature_distance(features, x_hat, x)
-    torch.testing.assert_close(d, (features(x_hat) - features(x)).pow(2).sum(1))
-    assert torch.equal(feature_distance(features, x.detach(), x.detach()), torch.zeros(5))
-    d.sum().backward()
-    assert x.grad is None and x_hat.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("cls", [VAE, AE, ConvVAE])
@@ -69,12 +57,6 @@ def test_bad_feature_loss_settings_are_refused_naming_the_key():
         VAE(in_shape=(1, 32, 32), feature_loss_weight=1.0)
     with pytest.raises(ConfigError, match="feature_loss_weight is 0"):
         VAE().load_feature_classifier(FeatureClassifier())
-
-
-def test_the_fused_launcher_runs_a_feature_loss_job_alone():
-    cfg = compose(["model.feature_loss_weight=0.5"])
-    assert "feature_loss_weight" in why_not_fused(cfg)
-    assert why_not_fused(compose([])) is None
 
 
 def test_a_feature_loss_run_trains_reloads_without_the_cache_and_fid_names_its_judge(

@@ -26,6 +26,7 @@ def test_bad_settings_are_one_line_before_any_run(tmp_path, arg, message):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(message)
+    assert not (tmp_path / "zoo").exists() or not any((tmp_path / "zoo").iterdir())
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
-"""The conditional VAE (model=cvae, model=conv_cvae): its maths, its two views, a real CLI run
-on both datasets, its checkpoint reloaded without Hydra, and vae-evaluate's gen/cond_acc."""
+"""The conditional VAE (model=cvae, model=conv_cvae): its maths, a real CLI run on both
+datasets with its two views, its checkpoint reloaded without Hydra, and vae-evaluate's
+gen/cond_acc. (Its views' grids: tests/views/test_grids.py; a fast run of every model:
+tests/test_configs.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import SMALL, run_here
-from vae_lightning.config import compose
 from vae_lightning.errors import ConfigError
 from vae_lightning.models import CVAE
-from vae_lightning.sweeps.fused import why_not_fused
-from vae_lightning.views import grids
 
 
 @pytest.fixture(params=["mlp", "conv"])
@@ -47,33 +46,11 @@ def test_labels_are_required_and_sampling_draws_the_classes_in_turn(cvae):
     torch.testing.assert_close(a, cvae.decode(z, torch.arange(12) % 10))
 
 
-def test_the_class_grid_shares_z_along_columns_and_the_relabel_grid_decodes_every_label(cvae):
-    grid = grids.class_sample_grid(cvae, 3, torch.Generator().manual_seed(1))
-    z = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
-    expected = cvae.decode(z.repeat(10, 1), torch.arange(10).repeat_interleave(3))
-    torch.testing.assert_close(grid, grids.grid(expected, nrow=3))
-    x, y = torch.rand(2, 1, 28, 28), torch.tensor([4, 7])
-    mu = cvae.embed(x, y)
-    rows = [torch.cat([x[i : i + 1], cvae.decode(mu[i].repeat(10, 1), torch.arange(10))])
-            for i in range(2)]  # fmt: skip
-    torch.testing.assert_close(grids.relabel_grid(cvae, x, y), grids.grid(torch.cat(rows), nrow=11))
-
-
 def test_bad_cvae_settings_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="arch must be one of mlp, conv"):
         CVAE(arch="transformer")
     with pytest.raises(ConfigError, match="num_classes must be an integer >= 2"):
         CVAE(num_classes=1)
-    assert "model vae_lightning.models.CVAE" in why_not_fused(compose(["model=cvae"]))
-
-
-@pytest.mark.parametrize(("model", "data"), [("cvae", "mnist"), ("conv_cvae", "fashion_mnist")])
-def test_debug_fast_runs_each_cvae_on_each_dataset(data_dir, tmp_path, model, data):
-    out = tmp_path / "run"
-    done = run_here("vae-train", f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", *SMALL,
-                    f"model={model}", f"data={data}", "debug=fast")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
 
 
 @pytest.mark.slow
