@@ -144,7 +144,7 @@ def startup_seconds(data_dir: Path, repeats: int = 3, extra: Sequence[str] = ())
                 [
                     sys.executable, "-m", "vae_lightning.train", f"paths.data_dir={data_dir}",
                     f"hydra.run.dir={out}", "trainer.max_steps=1", "callbacks=minimal",
-                    "test=false", "trainer.limit_val_batches=0", *extra,
+                    "test=false", "trainer.limit_val_batches=1", *extra,
                 ],
                 check=True, capture_output=True,
             )  # fmt: skip

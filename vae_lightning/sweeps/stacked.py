@@ -166,6 +166,12 @@ class StackedData(L.LightningDataModule):
             dm.setup(stage)
 
     def train_dataloader(self) -> StackedBatches:
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        for dm in self._members():
+            if dm.batches_per_step > 1 and device is not None and device.type != "cpu":
+                # a stack in chunks gathers its batches where it trains (as on_device does)
+                images, labels = dm.splits["train"]
+                dm.splits["train"] = (images.to(device), labels.to(device))
         self._train = StackedBatches([dm.train_dataloader() for dm in self._members()])
         return self._train
 
