@@ -26,16 +26,6 @@ from vae_lightning.evaluation.fid import (
 from vae_lightning.models.networks import ClassifierFeatures, FeatureClassifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: with two threads on a busy 2-core machine, OpenMP's spinning made
-    # them 10-20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n: int, seed: int) -> torch.Tensor:
     images, _ = synthetic_images(n, seed)
     return torch.from_numpy(images).unsqueeze(1)  # (N, 1, 28, 28) uint8

@@ -10,23 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import small_overrides
 from vae_lightning.config import compose
 from vae_lightning.evaluate import evaluate
 from vae_lightning.train import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: with two threads on a busy 2-core machine, OpenMP's spinning made
-    # them 10-20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_run(tmp_path_factory, data_dir: Path, name: str, *overrides: str) -> Path:

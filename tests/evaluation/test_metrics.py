@@ -12,17 +12,6 @@ from torch import nn
 from vae_lightning.evaluation.metrics import LatentMoments, active_units, iwae_bound
 from vae_lightning.models.losses import recon_bce
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: with two threads on a busy 2-core machine, OpenMP's spinning made
-    # them 10-20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- IWAE bound against an exact log-likelihood ---------------------------------------------
 
 
