@@ -277,6 +277,15 @@ def history(folder: Path) -> list[dict[str, float]]:
     return [{k: float(v) if v else math.nan for k, v in row.items()} for row in rows]
 
 
+def last_files(out: Path) -> dict[str, tuple[int, int]]:
+    """The run's last*.ckpt files, each with the (epoch, global step) it holds."""
+    found = {}
+    for path in sorted((out / "checkpoints").glob("last*.ckpt")):
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        found[path.name] = (ckpt["epoch"], ckpt["global_step"])
+    return found
+
+
 def assert_same_run(a: Path, b: Path, rel: float = 1e-4) -> None:
     """Two run folders recorded the same training: every history value and final metric."""
     ha, hb = history(a), history(b)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,34 @@ def lock_folder(path: Path) -> int:
     run leaves no stale lock.
     """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    # a few tries over a quarter of a second: a reader asking whether the folder is held
+    # (folder_held) holds it for microseconds, and must not turn a writer away
+    for attempt in range(6):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt < 5:
+                time.sleep(0.05)
+    os.close(fd)
+    raise FolderBusy(str(path))
+
+
+def folder_held(path: Path) -> bool:
+    """Whether a process holds the folder (``lock_folder``) right now: a run writing it. A run
+    whose process is gone (killed, crashed, its node lost) holds nothing: the kernel dropped its
+    lock with it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
     except BlockingIOError:
-        os.close(fd)
-        raise FolderBusy(str(path)) from None
-    return fd
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if taken
 
 
 @contextlib.contextmanager

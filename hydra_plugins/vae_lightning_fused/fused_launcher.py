@@ -169,6 +169,7 @@ class FusedLauncher(Launcher):
         from vae_lightning import config
         from vae_lightning.errors import USER_ERRORS, RunInterrupted
         from vae_lightning.run.folder import claim_folder
+        from vae_lightning.run.record import RunRecord
         from vae_lightning.sweeps.stacked import train_group
 
         received: list[int] = []  # a signal before the stack's own handler is in place
@@ -180,6 +181,10 @@ class FusedLauncher(Launcher):
             for job in group:  # one writer per folder, as train() claims its own
                 job.output_dir.mkdir(parents=True, exist_ok=True)
                 held.enter_context(claim_folder(job.output_dir, None))
+            for job in group:  # each says it is being trained (a killed sweep's say "killed")
+                record = RunRecord(job.output_dir)
+                record.data["resume"] = self._resume_command()
+                record._write()
             config.route_lightning_logs()
             config.set_torch_threads(group[0].task.get("threads") or config.cores())
             t0 = time.perf_counter()
@@ -200,15 +205,24 @@ class FusedLauncher(Launcher):
             log.warning("job #%d left the stack (non-finite loss): it goes on alone", group[i].num)
 
     def _interrupted(self, group: list[_Job], err: Any) -> None:
+        """Each job's record says where it stopped and what it resumes from (its own last.ckpt,
+        which the stack saved on the signal), then the sweep stops with its resume command."""
+        from vae_lightning.errors import RunInterrupted
         from vae_lightning.run.record import RunRecord
 
         command = self._resume_command()
+        saved = 0
         for job in group:
+            last = job.output_dir / "checkpoints" / "last.ckpt"
+            own = RunInterrupted(err.signum, last if last.is_file() else None, err.epoch, err.step)
+            saved += own.checkpoint is not None
             record = RunRecord(job.output_dir)
-            record.data.update(status="interrupted", error=f"RunInterrupted: {err}",
+            record.data.update(status="interrupted", error=f"RunInterrupted: {own}",
                                resume=command)  # fmt: skip
             record._write()
-        message = f"interrupted: {err}. Resume the sweep with:\n  {command}"
+        where = str(err).split(";")[0]
+        message = (f"interrupted: {where}; {saved} of {len(group)} jobs' last.ckpt saved. Resume "
+                   f"the sweep with:\n  {command}")  # fmt: skip
         log.error("%s", message)
         sys.stderr.write(message + "\n")
         raise SystemExit(128 + err.signum)

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from tests.conftest import FIXTURES, RESUME
+from tests.conftest import FIXTURES, RESUME, last_files
 from vae_lightning.train import train
 
 
@@ -127,3 +127,38 @@ def test_a_run_continues_from_a_checkpoint_written_before_the_redesign(compose_c
     assert record["status"] == "ok" and record["epochs"] == 2  # epoch 0 from the old history
     rows = (Path(cfg.paths.output_dir) / "history.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in rows[1:]] == [["0", "3"], ["1", "6"]]
+
+
+# steps 5: the first epoch (no last.ckpt saved at an epoch's end yet); 21: epoch 1; 60: the last
+@pytest.mark.parametrize("steps", [(5,), (21,), (60,), (5, 37)])
+def test_last_ckpt_holds_the_newest_weights_after_any_stop_and_resume(compose_cfg, tmp_path, steps):
+    """Lightning writes ``last-v1.ckpt`` beside a ``last.ckpt`` it did not record as its own
+    last: a signal's checkpoint in the first epoch recorded none. Stopped and resumed, once
+    or twice, a run's one last file is ``last.ckpt``, holding its final epoch and step."""
+    from vae_lightning.errors import RunInterrupted
+
+    out = tmp_path / "run"
+    for step in steps:
+        cut = compose_cfg(*RESUME, f"paths.output_dir={out}", "resume=true",
+                          "+callbacks.signal._target_=tests.run.test_resume.SignalAt",
+                          f"+callbacks.signal.step={step}")  # fmt: skip
+        with pytest.raises(RunInterrupted):
+            train(cut)
+        assert last_files(out) == {"last.ckpt": (step // 16, step + 1)}  # where it stopped
+    train(compose_cfg(*RESUME, f"paths.output_dir={out}", f"resume={out}"))
+    assert last_files(out) == {"last.ckpt": (3, 64)}  # 4 epochs of 16 steps
+    assert final_metrics(out)["epochs"] == 4
+
+
+def test_a_folder_with_a_stale_last_ckpt_resumes_from_its_newest_last_file(tmp_path):
+    """Folders written before last.ckpt was kept the newest hold a stale last.ckpt beside the
+    newer last-v1.ckpt: a resume of the folder starts from the newer."""
+    from vae_lightning.run.folder import resume_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes(b"old")
+    os.utime(checkpoints / "last.ckpt", (1, 1))
+    (checkpoints / "last-v1.ckpt").write_bytes(b"new")
+    assert resume_checkpoint(True, tmp_path) == str(checkpoints / "last-v1.ckpt")
+    assert resume_checkpoint(str(tmp_path), tmp_path / "other") == str(checkpoints / "last-v1.ckpt")

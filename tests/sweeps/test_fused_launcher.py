@@ -6,12 +6,15 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO_ROOT, assert_same_run, history, run_here, run_multirun
+from tests.conftest import (
+    REPO_ROOT, assert_same_run, history, last_files, run_cli, run_here, run_multirun,
+)  # fmt: skip
 
 # a small, fast grid on the synthetic data: 8 training batches of 64 per epoch
 GRID = [
@@ -151,3 +154,55 @@ def test_a_bad_stack_size_is_one_line_before_anything_runs(capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: hydra.launcher.{message}") and err.count("\n") == 1
     assert FusedLauncher(max_group=3).max_group == 3
+
+
+def processes_naming(text: str) -> list[int]:
+    """The pids of the processes whose command line holds ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_fused_sweep_killed_leaves_no_writer_and_its_folders_say_killed(data_dir, tmp_path):
+    """kill -9 of a fused sweep while its stack trains: no process of it goes on writing, every
+    job folder says it was killed (a record "running" that no process holds), the report lists
+    them with the command that continues them, and resume=true finishes every job from its
+    newest last.ckpt."""
+    out = tmp_path / "sweep"
+    dropped = ("callbacks", "callbacks.latent_probe.max_train", "trainer.max_epochs",
+               "model.latent_dim")  # fmt: skip
+    grid = [a for a in GRID if a.split("=")[0] not in dropped]
+    args = ["-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *grid, *FUSED,
+            "callbacks=minimal", "logger=none", "trainer.max_epochs=4", "model.latent_dim=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "vae_lightning.train", *args], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not any(len(p.read_text().splitlines()) > 1 for p in out.glob("*/history.csv")):
+        assert proc.poll() is None and time.monotonic() < deadline  # the stack's first epoch
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    time.sleep(0.5)
+    assert processes_naming(str(out)) == []  # nothing of the sweep runs on
+    folders = sorted(p.parent for p in out.glob("*/metrics.json"))
+    assert len(folders) == 2
+    from vae_lightning.run.record import RunRecord
+
+    for folder in folders:
+        record = RunRecord.parse(folder)
+        assert record.data["status"] == "running" and record.status == "killed"
+        assert "resume=true" in record.error and f"hydra.sweep.dir={out}" in record.error
+    assert run_here("vae-report", f"dir={out}").returncode == 0
+    report = (out / "REPORT.md").read_text()
+    assert "2 runs: 0 ok, 0 failed, 2 killed." in report and "killed while it ran" in report
+    resumed = run_cli(*args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {r["status"] for r in records(out).values()} == {"ok"}
+    for folder in folders:
+        assert last_files(folder) == {"last.ckpt": (3, 32)}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import assert_same_run, small_overrides
+from tests.conftest import assert_same_run, last_files, small_overrides
 from vae_lightning.config import compose
 from vae_lightning.sweeps.stacked import train_group
 from vae_lightning.train import train
@@ -35,8 +35,11 @@ def signal_at_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(Stack, "training_step", signalling)
 
 
+# the stack's step 5 is in its first epoch (no last.ckpt saved at an epoch's end yet), 12 in
+# its second (8 batches per epoch)
+@pytest.mark.parametrize("stop", [5, 12])
 def test_a_stack_stopped_by_sigterm_resumes_job_by_job_as_if_never_stopped(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, stop
 ):
     from vae_lightning.errors import RunInterrupted
 
@@ -48,18 +51,20 @@ def test_a_stack_stopped_by_sigterm_resumes_job_by_job_as_if_never_stopped(
 
     for beta in (1, 4):
         train(cfg(tmp_path / f"alone{beta}", beta))
-    signal_at_step(monkeypatch, 12)  # epoch 1 (8 batches per epoch)
+    signal_at_step(monkeypatch, stop)
     stacked = [cfg(tmp_path / f"stack{beta}", beta) for beta in (1, 4)]
-    with pytest.raises(RunInterrupted):
+    with pytest.raises(RunInterrupted) as info:
         train_group(stacked, [Path(c.paths.output_dir) for c in stacked])
+    assert (info.value.epoch, info.value.step) == (stop // 8, stop)
     monkeypatch.undo()
     for c, beta in zip(stacked, (1, 4), strict=True):
-        last = torch.load(Path(c.paths.output_dir, "checkpoints", "last.ckpt"), weights_only=False)
-        assert (last["epoch"], last["global_step"]) == (1, 12)  # where the stack stopped
+        folder = Path(c.paths.output_dir)
+        assert last_files(folder) == {"last.ckpt": (stop // 8, stop)}  # where the stack stopped
         with open_dict(c):
             c.resume = True
         train(c)
-        assert_same_run(tmp_path / f"alone{beta}", tmp_path / f"stack{beta}")
+        assert_same_run(tmp_path / f"alone{beta}", folder)
+        assert last_files(folder) == {"last.ckpt": (2, 24)}  # the newest weights, no last-v1
 
 
 MODELS = {

@@ -88,16 +88,16 @@ def resume_checkpoint(resume: Any, output_dir: Path) -> str | None:
     """
     if resume is None or resume is False or resume == "":
         return None
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    last = newest_last(Path(output_dir))
     if resume is True:
-        return str(last) if last.is_file() else None
+        return None if last is None else str(last)
     path = Path(str(resume))
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise ConfigError("resume", f"points to {path}, which does not exist")
         return str(path)
-    last = path / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    last = newest_last(path)
+    if last is not None:
         return str(last)
     if RunRecord.read(path) is not None:
         log.info("%s saved no checkpoint before it stopped: starting it again", path)
@@ -107,6 +107,13 @@ def resume_checkpoint(resume: Any, output_dir: Path) -> str | None:
         f"points to {path}, which holds no run (no metrics.json, no checkpoints/last.ckpt). "
         f"Give a run folder, a checkpoint file, or resume=true to continue (or start) this folder.",
     )
+
+
+def newest_last(folder: Path) -> Path | None:
+    """A run folder's newest ``checkpoints/last*.ckpt``: ``last.ckpt``, or a ``last-vN.ckpt``
+    written beside it by an earlier version (whose resumed runs left ``last.ckpt`` behind)."""
+    found = [p for p in (Path(folder) / "checkpoints").glob("last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
 
 
 def check_resume(

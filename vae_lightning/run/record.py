@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vae_lightning.errors import RunInterrupted
-from vae_lightning.files import atomic_write_json
+from vae_lightning.files import atomic_write_json, folder_held
 
 if TYPE_CHECKING:  # imported here without Lightning: vae-report reads records in a second
     import lightning as L
@@ -99,13 +99,21 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """As written ("running", "ok", "failed", "interrupted"); "unknown" when it names none."""
+        """As written ("running", "ok", "failed", "interrupted"), but "killed" for a run that
+        says "running" while no process holds its folder (killed with SIGKILL, crashed, its
+        node lost: nothing could write that it stopped); "unknown" when it names none."""
         status = self.data.get("status")
+        if status == "running" and not folder_held(self.output_dir):
+            return "killed"
         return status if isinstance(status, str) else "unknown"
 
     @property
     def error(self) -> str | None:
         error = self.data.get("error")
+        if error is None and self.status == "killed":
+            resume = self.data.get("resume") or "resume=true (a sweep) or resume=<this folder>"
+            return (f"killed while it ran (metrics.json says running, and no process holds "
+                    f"its folder); continue it with: {resume}")  # fmt: skip
         return None if error is None else str(error)
 
     @property
@@ -124,7 +132,10 @@ class RunRecord:
         return {k: x for k in TIMING_KEYS if (x := json_number(self.data.get(k))) is not None}
 
     def __enter__(self) -> RunRecord:
+        from vae_lightning.config import resume_command
+
         self._t0 = time.perf_counter()
+        self.data.setdefault("resume", resume_command(self.output_dir))  # should it be killed
         self._write()
         return self
 
@@ -189,6 +200,7 @@ class RunRecord:
                     self.data[key] = value
 
     def finish(self, **fields: Any) -> None:
+        self.data.pop("resume", None)  # a finished run is not continued
         self.data.update(fields, status="ok", metrics=dict(sorted(self.metrics.items())))
 
     def metric(self, key: str | None) -> float | None:

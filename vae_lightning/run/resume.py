@@ -1,7 +1,10 @@
-"""The global RNG state in checkpoints: a resumed run draws the noise it would have drawn."""
+"""What makes a resume exact: the global RNG state travels in checkpoints, so a resumed run
+draws the noise it would have drawn, and a run resumed from its own ``last.ckpt`` writes its
+newest weights there again."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -36,9 +39,35 @@ class ExactResume(L.Callback):
             self._pending = {"torch_rng": legacy["torch_rng"], "cuda_rng": legacy.get("cuda_rng")}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        keep_last_name(trainer)
         if self._pending is None:
             return
         torch.set_rng_state(self._pending["torch_rng"].cpu())
         if self._pending.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._pending["cuda_rng"])
         self._pending = None
+
+
+def keep_last_name(trainer: L.Trainer) -> None:
+    """A run resumed from the ``last*.ckpt`` of one of its ModelCheckpoints writes its newest
+    weights to that callback's ``last.ckpt`` again.
+
+    Lightning's ModelCheckpoint writes ``last-v1.ckpt`` beside an existing ``last.ckpt`` that
+    is not its recorded ``last_model_path``; a checkpoint saved on a signal before the first
+    epoch's end records ``last_model_path=""`` (nothing was saved as last yet), and so did every
+    checkpoint of the fused launcher's jobs before this, which left ``last.ckpt`` stale behind
+    a ``last-v1.ckpt``. The file the run resumed from is its own last one, whatever it recorded.
+    """
+    resumed = trainer.ckpt_path
+    if not resumed:
+        return
+    resumed = os.path.realpath(resumed)
+    for cb in trainer.checkpoint_callbacks:
+        if not getattr(cb, "save_last", False) or not getattr(cb, "dirpath", None):
+            continue
+        last = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+        name = os.path.basename(resumed)
+        if os.path.dirname(resumed) == os.path.realpath(cb.dirpath) and name.startswith(
+            cb.CHECKPOINT_NAME_LAST
+        ):
+            cb.last_model_path = last

@@ -106,9 +106,8 @@ def _runs_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _failed_section(runs: Sequence[ReportedRun], rows: Sequence[dict[str, Any]]) -> list[str]:
-    failed = [
-        (r, row) for r, row in zip(runs, rows, strict=True) if r.status in ("failed", "unreadable")
-    ]
+    stopped = ("failed", "killed", "unreadable")
+    failed = [(r, row) for r, row in zip(runs, rows, strict=True) if r.status in stopped]
     if not failed:
         return []
     lines = ["", "## Failed runs", ""]
