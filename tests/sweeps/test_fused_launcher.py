@@ -13,7 +13,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import (
-    REPO_ROOT, assert_same_run, history, last_files, run_cli, run_here, run_multirun,
+    REPO_ROOT,
+    assert_same_run,
+    history,
+    last_files,
+    run_cli,
+    run_here,
+    run_multirun,
 )  # fmt: skip
 
 # a small, fast grid on the synthetic data: 8 training batches of 64 per epoch
@@ -178,8 +184,17 @@ def test_a_fused_sweep_killed_leaves_no_writer_and_its_folders_say_killed(data_d
     dropped = ("callbacks", "callbacks.latent_probe.max_train", "trainer.max_epochs",
                "model.latent_dim")  # fmt: skip
     grid = [a for a in GRID if a.split("=")[0] not in dropped]
-    args = ["-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={out}", *grid, *FUSED,
-            "callbacks=minimal", "logger=none", "trainer.max_epochs=4", "model.latent_dim=2"]
+    args = [
+        "-m",
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={out}",
+        *grid,
+        *FUSED,
+        "callbacks=minimal",
+        "logger=none",
+        "trainer.max_epochs=4",
+        "model.latent_dim=2",
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "vae_lightning.train", *args], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
