@@ -25,7 +25,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
+from vae_lightning.errors import (
+    USER_ERRORS,
+    ConfigError,
+    Interrupted,
+    RunInterrupted,
+    check_int,
+    raise_on_signals,
+)
 from vae_lightning.files import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +303,11 @@ def tool_main(config_name: str, doc: str | None = None) -> Callable:
                 if any(arg in ("-h", "--help") for arg in argv):
                     sys.stdout.write(f"{doc or fn.__doc__}\n\n{OmegaConf.to_yaml(cfg)}")
                     return 0
-                fn(cfg)
+                with raise_on_signals():
+                    fn(cfg)
+            except (Interrupted, RunInterrupted) as err:
+                sys.stderr.write(interrupted_line(err, argv))
+                return 128 + err.signum
             except USER_ERRORS as err:
                 sys.stderr.write(f"error: {err}\n")
                 return 2
@@ -309,6 +320,16 @@ def tool_main(config_name: str, doc: str | None = None) -> Callable:
         return main
 
     return decorate
+
+
+def interrupted_line(err: BaseException, argv: Sequence[str]) -> str:
+    """The line a tool stopped by a signal ends with: where it stopped and the command that
+    continues it (the same command: what a tool finished is kept, and a training it started
+    continues from its checkpoint, ``resume=true``)."""
+    import shlex
+
+    command = shlex.join([Path(sys.argv[0]).name, *argv])
+    return f"interrupted: {err}; what it finished is kept. Run it again to finish: {command}\n"
 
 
 def argv_overrides(argv: Sequence[str]) -> list[str]:

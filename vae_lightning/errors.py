@@ -6,9 +6,11 @@ one line instead of a traceback (``USER_ERRORS``). Anything else is a bug, and g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,40 @@ class RunInterrupted(BaseException):
         name = signal.Signals(signum).name
         saved = f"resumes from {checkpoint}" if checkpoint else "no checkpoint saved yet"
         super().__init__(f"{name} at epoch {epoch}, step {step}; {saved}")
+
+
+class Interrupted(BaseException):
+    """A tool stopped by SIGTERM/SIGINT (``raise_on_signals``): what it finished is kept (every
+    file is written whole or not at all), the rest is done again when it is rerun."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} received")
+
+
+@contextlib.contextmanager
+def raise_on_signals() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C) raise ``Interrupted`` in the main thread
+    for the block, so that a tool stopped by one exits with 128 + the signal's number, as a
+    shell reports a process killed by it, instead of 0 (Lightning's own SIGTERM handler stops
+    a fit quietly and lets the tool carry on) or a KeyboardInterrupt traceback. Training in
+    the block (``train()``) installs its own handler, which saves a checkpoint first, and puts
+    this one back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # where handlers can go
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {
+        signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def check_int(key: str, value: object, minimum: int) -> int:
