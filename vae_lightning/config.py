@@ -28,8 +28,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vae_lightning.errors import USER_ERRORS, ConfigError, check_int
 from vae_lightning.files import file_lock
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The configs: an installed wheel carries the repository's conf/ inside the package
+# (pyproject.toml maps it there); a clone (the editable install) reads conf/ beside the package.
+_SHIPPED_CONF = PACKAGE_DIR / "conf"
+CONFIG_DIR = _SHIPPED_CONF if _SHIPPED_CONF.is_dir() else PACKAGE_DIR.parent / "conf"
+# names the folder that holds data/ and outputs/ (paths.root_dir), wherever the package is
+ROOT_ENV = "VAE_LIGHTNING_ROOT"
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +60,29 @@ def resume_folder(resume: Any, default: str) -> str:
     return default
 
 
+def root_dir() -> Path:
+    """The folder below which ``data/`` and ``outputs/`` go unless ``paths.*`` say otherwise:
+    ``$VAE_LIGHTNING_ROOT`` when set; else the clone's root when the package runs from one
+    (its conf/ beside the package); else, for an installed wheel, the working directory (never
+    site-packages)."""
+    named = os.environ.get(ROOT_ENV)
+    if named:
+        root = Path(named).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise ConfigError(ROOT_ENV, f"is {named!r}, a file: name a folder (or unset it)")
+        return root
+    if CONFIG_DIR != _SHIPPED_CONF:
+        return CONFIG_DIR.parent
+    return Path.cwd()
+
+
 def register_resolvers() -> None:
-    """``${repo_root:}``, ``${job_dirname:...}`` and ``${resume_folder:...}`` (idempotent)."""
+    """``${root_dir:}`` (``root_dir()``; ``${repo_root:}`` is its older name, which the run
+    folders written before it still hold), ``${job_dirname:...}`` and ``${resume_folder:...}``
+    (idempotent)."""
     for name, resolver in (
-        ("repo_root", lambda: str(REPO_ROOT)),
+        ("root_dir", lambda: str(root_dir())),
+        ("repo_root", lambda: str(root_dir())),
         ("job_dirname", job_dirname),
         ("resume_folder", resume_folder),
     ):
@@ -196,6 +220,7 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
+        pin_root(cfg)
         OmegaConf.save(cfg, folder / "config.yaml")
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
@@ -203,6 +228,16 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
     resolved = OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
     OmegaConf.save(resolved, folder / "config.yaml")
+
+
+def pin_root(cfg: DictConfig) -> None:
+    """``paths.root_dir`` as the folder it resolved to, in place of ``${root_dir:}``: the saved
+    config then names the data this run read, also for a ``vae-evaluate`` of it started in
+    another folder (where ``${root_dir:}`` of an installed wheel would be another one)."""
+    paths = cfg.get("paths")
+    if paths is not None and "root_dir" in paths:
+        with open_dict(cfg):
+            paths.root_dir = str(paths.root_dir)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -292,6 +327,7 @@ def tool_main(config_name: str, doc: str | None = None) -> Callable:
             )
             quiet_known_warnings()
             try:
+                root_dir()  # a bad $VAE_LIGHTNING_ROOT in its own words, before any resolving
                 cfg = compose(argv_overrides(argv), config_name)
                 if any(arg in ("-h", "--help") for arg in argv):
                     sys.stdout.write(f"{doc or fn.__doc__}\n\n{OmegaConf.to_yaml(cfg)}")

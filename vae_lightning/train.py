@@ -200,9 +200,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``vae-train``: register the resolvers the config uses, then run Hydra's main."""
+    """``vae-train``: register the resolvers the config uses, refuse a bad
+    ``$VAE_LIGHTNING_ROOT`` in one line (Hydra would show a traceback resolving hydra.run.dir),
+    then run Hydra's main."""
     config.register_resolvers()
     config.quiet_known_warnings()
+    try:
+        config.root_dir()
+    except USER_ERRORS as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
     _hydra_main()
 
 

@@ -1,0 +1,145 @@
+"""Packaging: the wheel installed outside the clone (its configs inside it, its data/ and
+outputs/ in the working directory) training and evaluating as the clone does."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, SMALL, one_line_error, run_here, write_synthetic
+from vae_lightning import config
+from vae_lightning.errors import ConfigError
+
+SOURCES = ("vae_lightning", "hydra_plugins")
+
+
+# --- where data/ and outputs/ go ------------------------------------------------------------------
+
+
+def test_the_clone_keeps_its_conf_and_root(monkeypatch):
+    monkeypatch.delenv(config.ROOT_ENV, raising=False)
+    assert config.CONFIG_DIR == REPO_ROOT / "conf"
+    assert config.root_dir() == REPO_ROOT
+    paths = config.compose().paths
+    assert (paths.data_dir, paths.log_dir) == (f"{REPO_ROOT}/data", f"{REPO_ROOT}/outputs")
+
+
+def test_the_root_variable_moves_data_and_outputs(monkeypatch, tmp_path):
+    monkeypatch.setenv(config.ROOT_ENV, str(tmp_path))
+    paths = config.compose().paths
+    assert (paths.data_dir, paths.log_dir) == (f"{tmp_path}/data", f"{tmp_path}/outputs")
+    monkeypatch.setenv(config.ROOT_ENV, str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"^{config.ROOT_ENV} .* name a folder"):
+        config.root_dir()
+    one_line_error(run_here("vae-data", "datasets=[mnist]"), config.ROOT_ENV, "name a folder")
+
+
+# --- the wheel ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built with this environment's setuptools from a copy of what it is made of
+    (a build in the clone would leave build/ there, whose stale files a later wheel takes)."""
+    src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src)
+    for name in ("conf", *SOURCES):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    proc = subprocess.run([*pip, "-w", str(dist), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = dist.glob("vae_lightning-*.whl")
+    return path
+
+
+def test_the_wheel_holds_every_module_and_config(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {
+        str(p.relative_to(REPO_ROOT)) for top in SOURCES for p in (REPO_ROOT / top).rglob("*.py")
+    }
+    configs = {
+        f"vae_lightning/{p.relative_to(REPO_ROOT)}" for p in (REPO_ROOT / "conf").rglob("*.yaml")
+    }
+    assert not modules - names and not configs - names, sorted((modules | configs) - names)
+    assert not [n for n in names if n.startswith(("conf/", "tests/"))]
+
+
+def fresh_venv(root: Path, wheel: Path, full: bool = False) -> Path:
+    """A new venv with the wheel installed. Its dependencies are this environment's, through a
+    .pth file (a path, not a site folder: this environment's own .pth files, the clone's
+    editable install among them, are not run there), so torch is not installed again; with
+    ``full`` (``make test-wheel``) pip installs them all there."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    query = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.check_output([python, "-c", query], text=True).strip())
+    if not full:
+        here = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+        (site / "dev_dependencies.pth").write_text("\n".join(sorted(here)) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
+    proc = subprocess.run([*pip, *([] if full else ["--no-deps"]), str(wheel)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return site
+
+
+PROBE = """import json, vae_lightning, vae_lightning.config as c
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+launchers = [p.__name__ for p in Plugins.instance().discover(Launcher)]
+print(json.dumps({"file": vae_lightning.__file__, "conf": str(c.CONFIG_DIR),
+                  "root": str(c.root_dir()), "launchers": launchers}))"""
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_trains_and_evaluates_in_the_working_directory(wheel, tmp_path):
+    started = time.perf_counter()
+    venv, work, elsewhere = tmp_path / "venv", tmp_path / "work", tmp_path / "elsewhere"
+    site = fresh_venv(venv, wheel, full=os.environ.get("VAE_WHEEL_FULL") == "1")
+    write_synthetic(work / "data")  # where paths.data_dir points by default: ./data
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in (config.ROOT_ENV, "PYTHONPATH")}
+
+    def run(cwd: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, cwd=cwd, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    probe = json.loads(run(work, str(venv / "bin" / "python"), "-c", PROBE).stdout)
+    assert Path(probe["file"]) == site / "vae_lightning" / "__init__.py"  # not the clone's
+    assert Path(probe["conf"]) == site / "vae_lightning" / "conf"
+    assert Path(probe["root"]) == work and "FusedLauncher" in probe["launchers"]
+    moved = run(
+        work, str(venv / "bin" / "python"), "-c", PROBE, **{config.ROOT_ENV: str(elsewhere)}
+    )
+    assert Path(json.loads(moved.stdout)["root"]) == elsewhere
+
+    train = [str(venv / "bin" / "vae-train"), "trainer.max_epochs=1",
+             "++trainer.limit_train_batches=2", *SMALL, "callbacks=minimal"]  # fmt: skip
+    run(work, *train)
+    (run_dir,) = (work / "outputs" / "train" / "runs").iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "ok" and math.isfinite(record["metrics"]["test/loss"])
+    assert not (site / "outputs").exists() and not (site / "data").exists()
+
+    # from another folder: the run's config names the root it trained in, so the same data
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    run(elsewhere, str(venv / "bin" / "vae-evaluate"), f"ckpt={ckpt}", "k=5", "n_fid=0")
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert evaluated["data"]["data_dir"] == str(work / "data")
+    assert math.isfinite(evaluated["metrics"]["test/nll_iw"])
+    assert not list(elsewhere.iterdir())
+    print(f"wheel installed, trained and evaluated in {time.perf_counter() - started:.1f} s")
