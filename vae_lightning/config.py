@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +36,18 @@ _SHIPPED_CONF = PACKAGE_DIR / "conf"
 CONFIG_DIR = _SHIPPED_CONF if _SHIPPED_CONF.is_dir() else PACKAGE_DIR.parent / "conf"
 # names the folder that holds data/ and outputs/ (paths.root_dir), wherever the package is
 ROOT_ENV = "VAE_LIGHTNING_ROOT"
+# The Hydra plugins that the optional extras install: a command line's choice that needs one,
+# the plugin's module and the extra (pyproject.toml's optional-dependencies).
+_SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "slurm")
+_OPTUNA = ("hydra_plugins.hydra_optuna_sweeper", "optuna")
+EXTRAS: dict[str, dict[str, tuple[str, str]]] = {
+    "hydra/launcher": {
+        "slurm": _SUBMITIT, "submitit_slurm": _SUBMITIT, "submitit_local": _SUBMITIT,
+        "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    },
+    "hydra/sweeper": {"optuna": _OPTUNA},
+    "hparams_search": {"optuna": _OPTUNA},
+}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,20 @@ def root_dir() -> Path:
     if CONFIG_DIR != _SHIPPED_CONF:
         return CONFIG_DIR.parent
     return Path.cwd()
+
+
+def check_extras(argv: Sequence[str]) -> None:
+    """Refuse, in one line naming the extra to install, a choice on the command line whose
+    Hydra plugin is not installed (Hydra would only say that it cannot find the config)."""
+    for arg in argv:
+        key, _, choice = arg.lstrip("+~").partition("=")
+        plugin, extra = EXTRAS.get(key, {}).get(choice, (None, None))
+        if plugin and importlib.util.find_spec(plugin) is None:
+            raise ConfigError(
+                key,
+                f"is {choice}, whose Hydra plugin ({plugin}) is not installed: install the "
+                f"{extra!r} extra, pip install 'vae_lightning[{extra}]' (make install has it)",
+            )
 
 
 def register_resolvers() -> None:
