@@ -138,6 +138,16 @@ def test_a_choice_whose_plugin_is_missing_is_one_line_naming_its_extra(monkeypat
     one_line_error(result, "hydra/launcher is slurm", "pip install 'vae_lightning[slurm]'")
 
 
+def test_license_and_classifiers(project):
+    from trove_classifiers import classifiers
+
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = (REPO_ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "Copyright (c) 2026 the vae_lightning authors" in text
+    assert set(project["classifiers"]) <= classifiers
+    assert not [c for c in project["classifiers"] if c.startswith("License ::")]  # SPDX instead
+
+
 # --- where data/ and outputs/ go ------------------------------------------------------------------
 
 
@@ -168,7 +178,7 @@ def wheel(tmp_path_factory) -> Path:
     """The wheel, built with this environment's setuptools from a copy of what it is made of
     (a build in the clone would leave build/ there, whose stale files a later wheel takes)."""
     src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO_ROOT / name, src)
     for name in ("conf", *SOURCES):
         shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -189,6 +199,7 @@ def test_the_wheel_holds_every_module_and_config(wheel):
     }
     assert not modules - names and not configs - names, sorted((modules | configs) - names)
     assert not [n for n in names if n.startswith(("conf/", "tests/"))]
+    assert "vae_lightning-0.1.0.dist-info/licenses/LICENSE" in names
 
 
 def fresh_venv(root: Path, wheel: Path, full: bool = False) -> Path:
