@@ -16,7 +16,7 @@ TB_PORT ?= 6006
 # pip's warnings about index folders this machine's global config names but lacks are noise
 PIP_QUIET := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims zoo bench bench-gpu gpu-bundle test test-fast lint format tensorboard clean distclean
+.PHONY: help install data train sweep report evaluate classifiers reproduce reproduce-quick claims zoo bench bench-gpu gpu-bundle test test-fast test-wheel lint format tensorboard clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,6 +84,9 @@ test: install ## run the test suite (slow tests included; about 4 minutes on 2 s
 
 test-fast: install ## the test suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-wheel: install ## the wheel in a fresh venv with all its dependencies (GBs; not in make test), trained and evaluated outside the clone
+	VAE_WHEEL_FULL=1 $(BIN)/python -m pytest tests/test_packaging.py -k installed_wheel -rP $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check, and the floors' import contract (import-linter)
 	$(BIN)/ruff check .

@@ -21,11 +21,13 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from vae_lightning.config import REPO_ROOT, compose, cores
+from vae_lightning.config import compose, cores
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.data.sources import DATASETS, idx_bytes
 
 N_TRAIN, N_TEST = 640, 256
+# the clone the tests run in (an installed wheel's root is another: tests/test_packaging.py)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # the checkpoints and run folders written by earlier versions of the code (fixtures/*/README.md)
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import (
     FIXTURES,
+    REPO_ROOT,
     SMALL,
     RunsCode,
     history,
@@ -24,7 +25,7 @@ from tests.conftest import (
     start_together,
     write_synthetic,
 )
-from vae_lightning.config import CONFIG_DIR, REPO_ROOT
+from vae_lightning.config import CONFIG_DIR
 from vae_lightning.models import VAE
 from vae_lightning.run.checkpoints import ADVICE
 

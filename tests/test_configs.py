@@ -12,7 +12,8 @@ import hydra
 import pytest
 import torch
 
-from vae_lightning.config import CONFIG_DIR, REPO_ROOT
+from tests.conftest import REPO_ROOT
+from vae_lightning.config import CONFIG_DIR
 from vae_lightning.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -35,8 +36,25 @@ from vae_lightning.errors import (
 )
 from vae_lightning.files import file_lock
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The configs: an installed wheel carries the repository's conf/ inside the package
+# (pyproject.toml maps it there); a clone (the editable install) reads conf/ beside the package.
+_SHIPPED_CONF = PACKAGE_DIR / "conf"
+CONFIG_DIR = _SHIPPED_CONF if _SHIPPED_CONF.is_dir() else PACKAGE_DIR.parent / "conf"
+# names the folder that holds data/ and outputs/ (paths.root_dir), wherever the package is
+ROOT_ENV = "VAE_LIGHTNING_ROOT"
+# The Hydra plugins that the optional extras install: a command line's choice that needs one,
+# the plugin's module and the extra (pyproject.toml's optional-dependencies).
+_SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "slurm")
+_OPTUNA = ("hydra_plugins.hydra_optuna_sweeper", "optuna")
+EXTRAS: dict[str, dict[str, tuple[str, str]]] = {
+    "hydra/launcher": {
+        "slurm": _SUBMITIT, "submitit_slurm": _SUBMITIT, "submitit_local": _SUBMITIT,
+        "ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    },
+    "hydra/sweeper": {"optuna": _OPTUNA},
+    "hparams_search": {"optuna": _OPTUNA},
+}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +80,43 @@ def resume_folder(resume: Any, default: str) -> str:
     return default
 
 
+def root_dir() -> Path:
+    """The folder below which ``data/`` and ``outputs/`` go unless ``paths.*`` say otherwise:
+    ``$VAE_LIGHTNING_ROOT`` when set; else the clone's root when the package runs from one
+    (its conf/ beside the package); else, for an installed wheel, the working directory (never
+    site-packages)."""
+    named = os.environ.get(ROOT_ENV)
+    if named:
+        root = Path(named).expanduser().resolve()
+        if root.exists() and not root.is_dir():
+            raise ConfigError(ROOT_ENV, f"is {named!r}, a file: name a folder (or unset it)")
+        return root
+    if CONFIG_DIR != _SHIPPED_CONF:
+        return CONFIG_DIR.parent
+    return Path.cwd()
+
+
+def check_extras(argv: Sequence[str]) -> None:
+    """Refuse, in one line naming the extra to install, a choice on the command line whose
+    Hydra plugin is not installed (Hydra would only say that it cannot find the config)."""
+    for arg in argv:
+        key, _, choice = arg.lstrip("+~").partition("=")
+        plugin, extra = EXTRAS.get(key, {}).get(choice, (None, None))
+        if plugin and importlib.util.find_spec(plugin) is None:
+            raise ConfigError(
+                key,
+                f"is {choice}, whose Hydra plugin ({plugin}) is not installed: install the "
+                f"{extra!r} extra, pip install 'vae_lightning[{extra}]' (make install has it)",
+            )
+
+
 def register_resolvers() -> None:
-    """``${repo_root:}``, ``${job_dirname:...}`` and ``${resume_folder:...}`` (idempotent)."""
+    """``${root_dir:}`` (``root_dir()``; ``${repo_root:}`` is its older name, which the run
+    folders written before it still hold), ``${job_dirname:...}`` and ``${resume_folder:...}``
+    (idempotent)."""
     for name, resolver in (
-        ("repo_root", lambda: str(REPO_ROOT)),
+        ("root_dir", lambda: str(root_dir())),
+        ("repo_root", lambda: str(root_dir())),
         ("job_dirname", job_dirname),
         ("resume_folder", resume_folder),
     ):
@@ -203,6 +254,7 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
+        pin_root(cfg)
         OmegaConf.save(cfg, folder / "config.yaml")
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
@@ -210,6 +262,16 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     plain = OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
     resolved = OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
     OmegaConf.save(resolved, folder / "config.yaml")
+
+
+def pin_root(cfg: DictConfig) -> None:
+    """``paths.root_dir`` as the folder it resolved to, in place of ``${root_dir:}``: the saved
+    config then names the data this run read, also for a ``vae-evaluate`` of it started in
+    another folder (where ``${root_dir:}`` of an installed wheel would be another one)."""
+    paths = cfg.get("paths")
+    if paths is not None and "root_dir" in paths:
+        with open_dict(cfg):
+            paths.root_dir = str(paths.root_dir)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -299,6 +361,7 @@ def tool_main(config_name: str, doc: str | None = None) -> Callable:
             )
             quiet_known_warnings()
             try:
+                root_dir()  # a bad $VAE_LIGHTNING_ROOT in its own words, before any resolving
                 cfg = compose(argv_overrides(argv), config_name)
                 if any(arg in ("-h", "--help") for arg in argv):
                     sys.stdout.write(f"{doc or fn.__doc__}\n\n{OmegaConf.to_yaml(cfg)}")

@@ -200,9 +200,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``vae-train``: register the resolvers the config uses, then run Hydra's main."""
+    """``vae-train``: register the resolvers the config uses, refuse in one line what Hydra
+    would refuse in words naming neither the cause nor the cure (a bad ``$VAE_LIGHTNING_ROOT``:
+    a traceback resolving hydra.run.dir; a launcher whose extra is not installed: a missing
+    config), then run Hydra's main."""
     config.register_resolvers()
     config.quiet_known_warnings()
+    try:
+        config.root_dir()
+        config.check_extras(sys.argv[1:])
+    except USER_ERRORS as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
     _hydra_main()
 
 

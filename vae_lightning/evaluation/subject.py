@@ -70,7 +70,7 @@ def read_run_config(run_dir: Path) -> Any:
             f"needs its run folder's config: {path} does not exist (expected "
             f"<run folder>/checkpoints/<file>.ckpt next to <run folder>/.hydra/config.yaml)",
         )
-    config.register_resolvers()  # paths.* use ${repo_root:}
+    config.register_resolvers()  # paths.* use ${root_dir:} (older runs ${repo_root:})
     return OmegaConf.load(path)
 
 

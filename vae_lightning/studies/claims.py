@@ -266,7 +266,7 @@ def main(cfg: DictConfig) -> None:
     seed = check_int("classifier_seed", cfg.classifier_seed, 0)
     classifier_epochs = check_int("classifier_epochs", cfg.classifier_epochs, 1)
     extra = [str(o) for o in cfg.train or []]
-    default = config.REPO_ROOT / "outputs" / f"claims_{cfg.epochs}ep"
+    default = config.root_dir() / "outputs" / f"claims_{cfg.epochs}ep"
     out = Path(cfg.out) if cfg.out else default
     out.mkdir(parents=True, exist_ok=True)
     eval_kwargs: dict[str, Any] = {

@@ -180,7 +180,7 @@ def main(cfg: DictConfig) -> None:
     names, eval_kwargs = check(cfg)
     extra = _strings(cfg.train, "train")
     quick = bool(cfg.quick)
-    default_out = config.REPO_ROOT / "outputs" / ("reproduce_quick" if quick else "reproduce")
+    default_out = config.root_dir() / "outputs" / ("reproduce_quick" if quick else "reproduce")
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(out, Path(cfg.data_dir).resolve(), planned(names, quick), extra, eval_kwargs)

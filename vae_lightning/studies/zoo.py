@@ -176,7 +176,7 @@ def main(cfg: DictConfig) -> None:
     n_fid = check_int("n_fid", cfg.n_fid, 1)
     classifier_epochs = check_int("classifier_epochs", cfg.classifier_epochs, 1)
     extra = [str(o) for o in cfg.train or []]
-    out = Path(cfg.out) if cfg.out else config.REPO_ROOT / "outputs" / f"zoo_{cfg.epochs}ep"
+    out = Path(cfg.out) if cfg.out else config.root_dir() / "outputs" / f"zoo_{cfg.epochs}ep"
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(cfg.data_dir).resolve()
     eval_kwargs: dict[str, Any] = {"k": k, "n_fid": n_fid, "classifier_epochs": classifier_epochs}
