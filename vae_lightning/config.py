@@ -205,6 +205,32 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     OmegaConf.save(resolved, folder / "config.yaml")
 
 
+# The loggers whose package is an optional extra of this project: class -> (module, extra)
+OPTIONAL_LOGGERS = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def check_logger_packages(node: DictConfig | None) -> None:
+    """Each configured logger's package is installed, else one line naming the extra to install
+    (instead of Lightning's traceback from deep inside the Trainer's construction)."""
+    import importlib.util
+
+    for name, child in (node or {}).items():
+        target = str((child or {}).get("_target_", ""))
+        module, extra = OPTIONAL_LOGGERS.get(target.rsplit(".", 1)[-1], (None, None))
+        if module is None:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # a module in sys.modules without a spec
+            found = False
+        if not found:
+            raise ConfigError(
+                f"logger.{name}",
+                f"needs the {module} package, which is not installed: pip install "
+                f"'vae-lightning[{extra}]' (in a checkout: pip install -e '.[{extra}]')",
+            )
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """The top-level and trainer values that would otherwise fail deep inside Lightning (or,
     worse, record a run that trained nothing as ``ok``): checked before anything is written."""
@@ -235,6 +261,7 @@ def check_run_config(cfg: DictConfig) -> None:
                 f"must be a fraction in (0, 1] or a number of batches >= 1, got {value!r}: a "
                 f"run with no batches would record nothing measured as finished",
             )
+    check_logger_packages(cfg.get("logger"))
 
 
 def detach_folder_log(output_dir: Path) -> None:
