@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,23 @@ def test_a_loss_that_turns_non_finite_is_one_line_naming_what_to_lower(data_dir,
     assert line.startswith("non-finite training loss (nan) at epoch 0, step ")
     assert not (out / "checkpoints" / "last.ckpt").exists()
     assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("logger", ["wandb", "mlflow"])
+def test_a_logger_whose_package_is_missing_names_the_extra_to_install(
+    data_dir, tmp_path, monkeypatch, logger
+):
+    monkeypatch.setitem(sys.modules, logger, None)  # as if the extra were not installed
+    out = tmp_path / "run"
+    args = [f"paths.data_dir={data_dir}", *SMALL, f"logger={logger}", "callbacks=minimal"]
+    result = run_here("vae-train", *args, f"hydra.run.dir={out}")
+    assert result.returncode == 2
+    assert one_line_error(result) == (
+        f"logger.{logger} needs the {logger} package, which is not installed: install the "
+        f"'{logger}' extra, pip install 'vae_lightning[{logger}]' (in a checkout: pip install -e "
+        f"'.[{logger}]'; make install has it)"
+    )
+    assert not (out / "metrics.json").exists()  # refused before the run began
 
 
 @pytest.mark.parametrize(

@@ -102,12 +102,25 @@ def check_extras(argv: Sequence[str]) -> None:
     for arg in argv:
         key, _, choice = arg.lstrip("+~").partition("=")
         plugin, extra = EXTRAS.get(key, {}).get(choice, (None, None))
-        if plugin and importlib.util.find_spec(plugin) is None:
-            raise ConfigError(
-                key,
-                f"is {choice}, whose Hydra plugin ({plugin}) is not installed: install the "
-                f"{extra!r} extra, pip install 'vae_lightning[{extra}]' (make install has it)",
-            )
+        if plugin and not _installed(plugin):
+            raise missing_extra(key, f"is {choice}, whose Hydra plugin ({plugin})", extra)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module in sys.modules without a spec
+        return False
+
+
+def missing_extra(key: str, what: str, extra: str) -> ConfigError:
+    """The one refusal of a choice whose package is an optional extra that is not installed."""
+    return ConfigError(
+        key,
+        f"{what} is not installed: install the {extra!r} extra, pip install "
+        f"'vae_lightning[{extra}]' (in a checkout: pip install -e '.[{extra}]'; make install "
+        f"has it)",
+    )
 
 
 def register_resolvers() -> None:
@@ -274,6 +287,20 @@ def pin_root(cfg: DictConfig) -> None:
             paths.root_dir = str(paths.root_dir)
 
 
+# The loggers whose package is an optional extra of this project: class -> (module, extra)
+OPTIONAL_LOGGERS = {"WandbLogger": ("wandb", "wandb"), "MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def check_logger_packages(node: DictConfig | None) -> None:
+    """Each configured logger's package is installed, else one line naming the extra to install
+    (instead of Lightning's traceback from deep inside the Trainer's construction)."""
+    for name, child in (node or {}).items():
+        target = str((child or {}).get("_target_", ""))
+        module, extra = OPTIONAL_LOGGERS.get(target.rsplit(".", 1)[-1], (None, None))
+        if module is not None and not _installed(module):
+            raise missing_extra(f"logger.{name}", f"needs the {module} package, which", extra)
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """The top-level and trainer values that would otherwise fail deep inside Lightning (or,
     worse, record a run that trained nothing as ``ok``): checked before anything is written."""
@@ -304,6 +331,7 @@ def check_run_config(cfg: DictConfig) -> None:
                 f"must be a fraction in (0, 1] or a number of batches >= 1, got {value!r}: a "
                 f"run with no batches would record nothing measured as finished",
             )
+    check_logger_packages(cfg.get("logger"))
 
 
 def detach_folder_log(output_dir: Path) -> None:

@@ -82,6 +82,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[Any, Any, str | None, d
 def _run(cfg: DictConfig, output_dir: Path) -> float | None:
     from vae_lightning.run.checkpoints import AtomicCheckpointIO
     from vae_lightning.run.history import History
+    from vae_lightning.run.loggers import finished_at_end
     from vae_lightning.run.record import RunRecord, key_hparams, log_hparams
     from vae_lightning.run.resume import ExactResume
     from vae_lightning.run.stops import NonFiniteStop, StopOnSignal
@@ -103,19 +104,22 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
         # signals first: its on_train_end must come before the end-of-fit probe's
         callbacks = [signals, *configured, record.history, NonFiniteStop(), ExactResume()]
         loggers = config.instantiate_group(cfg.get("logger"), "logger")
-        trainer = config.instantiate(
-            cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
-            plugins=[AtomicCheckpointIO()],
-        )  # fmt: skip
-        log.info("run folder: %s", output_dir)
-        _fit(trainer, model, datamodule, ckpt_path, record, fused)
-        record.add_summaries(configured)
-        best = record.best_checkpoint(trainer)
-        tested = (
-            _test(trainer, model, datamodule, best, record, cfg.seed) if cfg.get("test") else None
-        )
-        record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
-        log_hparams(trainer, record.data["hparams"], record.metrics)
+        with finished_at_end(loggers):
+            trainer = config.instantiate(
+                cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                plugins=[AtomicCheckpointIO()],
+            )  # fmt: skip
+            log.info("run folder: %s", output_dir)
+            _fit(trainer, model, datamodule, ckpt_path, record, fused)
+            record.add_summaries(configured)
+            best = record.best_checkpoint(trainer)
+            tested = (
+                _test(trainer, model, datamodule, best, record, cfg.seed)
+                if cfg.get("test")
+                else None
+            )
+            record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
+            log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
     log.info("done: %s; run folder: %s", shown or record.metrics, output_dir)
     return record.metric(cfg.get("optimized_metric"))

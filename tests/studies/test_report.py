@@ -1,19 +1,22 @@
 """vae-report (runs.py, plots.py, report.py) on hand-made run folders with known numbers: CSV
-rows, REPORT.md, PNGs, the CLI."""
+rows, REPORT.md, PNGs, the CLI; a grid of several seeds per cell, its mean ± std, hand-made and
+from a real multirun."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_here
+from tests.conftest import job_records, run_here, run_sweep
 from vae_lightning.studies import report
+from vae_lightning.studies.markdown import format_cell
 from vae_lightning.studies.report import main, write_report
 from vae_lightning.studies.runs import SUMMARY_COLUMNS, collect_runs, metric_grid
 
@@ -45,6 +48,7 @@ def write_run(
     val_losses: tuple[float, ...] = (120.0, 110.0, 105.0),
     overrides: tuple[str, ...] = (),
     payload: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> Path:
     """A run folder as train.py writes it: metrics.json, history.csv, .hydra/overrides.yaml."""
     folder.mkdir(parents=True)
@@ -75,7 +79,7 @@ def write_run(
                 "lr": 0.001,
                 "batch_size": 128,
                 "max_epochs": 3,
-                "seed": 0,
+                "seed": seed,
             },
             "epochs": len(val_losses),
             "time/fit_s": 12.3,
@@ -126,9 +130,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def markdown_table(text: str) -> list[dict[str, str]]:
-    """The runs table of REPORT.md as one dict per row (header -> cell text)."""
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+def markdown_table(text: str, section: str = "## Runs") -> list[dict[str, str]]:
+    """The table of REPORT.md's ``section`` (the runs table unless told) as one dict per row
+    (header -> cell text)."""
+    body = text.split(f"\n{section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in body.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in rows[0].strip("|").split(" | ")]
     return [
         dict(zip(header, (c.strip() for c in r.strip("|").split(" | ")), strict=True))
@@ -238,6 +244,75 @@ def test_report_markdown(sweep: Path, tmp_path: Path) -> None:
     assert "`runs/2026-01-03_00-00-00_000002` (unreadable" in failed_section
     for name in ("heatmap_test_loss.png", "rate_distortion.png", "val_curves.png"):
         assert f"[{name}]({name})" in text
+    # one seed per cell: no cells section, the report as it was before seeds were summarised
+    assert "## Mean ± std over seeds" not in text and "(n=…): the mean of n runs." in text
+
+
+# (latent_dim, seed) -> (recon, kl, rf_acc), beta 1: two seeds of each of two latent sizes
+SEEDED = {
+    (2, 1): (95.5, 4.25, 0.5),
+    (2, 2): (96.5, 4.75, 0.625),
+    (8, 1): (80.0, 12.5, 0.875),
+    (8, 2): (81.0, 12.0, 0.75),
+}
+
+
+def cells_table(text: str) -> dict[int, dict[str, str]]:
+    """REPORT.md's cells section by latent_dim (one beta here)."""
+    return {int(r["latent_dim"]): r for r in markdown_table(text, "## Mean ± std over seeds")}
+
+
+def test_several_seeds_per_cell_report_their_mean_std_and_n(tmp_path: Path) -> None:
+    for num, ((z, seed), (recon, kl, acc)) in enumerate(SEEDED.items()):
+        write_run(tmp_path / f"{num}_z{z}_s{seed}", latent_dim=z, recon=recon, kl=kl,
+                  rf_acc=acc, seed=seed)  # fmt: skip
+    # a third run of z=8 whose probe did not run: its cell says n=2 for that column
+    probe_less = write_run(tmp_path / "4_z8_s3", latent_dim=8, recon=82.0, kl=11.5, seed=3)
+    record = json.loads((probe_less / "metrics.json").read_text())
+    del record["metrics"]["probe/rf_acc"]
+    (probe_less / "metrics.json").write_text(json.dumps(record))
+    text = write_report(tmp_path).read_text()
+    cells = cells_table(text)
+    assert set(cells) == {2, 8}
+    assert (cells[2]["n"], cells[2]["seeds"], cells[2]["beta"]) == ("2", "1, 2", "1")
+    assert (cells[8]["n"], cells[8]["seeds"]) == ("3", "1, 2, 3")
+    # loss = recon + kl: z=2 gives 99.75 and 101.25, mean 100.5, sample std 1.5 / sqrt(2)
+    assert cells[2]["test/loss"] == "100.50 ± 1.06"
+    for z, n in ((2, 2), (8, 3)):
+        losses = [recon + kl for (zz, _), (recon, kl, _) in SEEDED.items() if zz == z]
+        losses += [93.5] if z == 8 else []
+        assert len(losses) == n
+        mean, std = statistics.mean(losses), statistics.stdev(losses)  # stdev: ddof=1
+        assert cells[z]["test/loss"] == f"{mean:.2f} ± {std:.2f}"
+    accs = [0.875, 0.75]
+    assert cells[8]["probe/rf_acc"] == (
+        f"{format_cell('probe/rf_acc', statistics.mean(accs))} ± "
+        f"{format_cell('probe/rf_acc', statistics.stdev(accs))} (n=2)"
+    )
+    assert "ddof=1" in text and "a cell of several runs: their mean, ±" in text
+    assert len(markdown_table(text)) == 5  # the runs table still has a row per run
+    assert is_png(tmp_path / "heatmap_test_loss.png")
+
+
+def test_a_multirun_of_two_seeds_reports_each_cells_mean_and_std(data_dir, tmp_path) -> None:
+    """A real 2 × 1 × 2-seed grid (debug=fast jobs): REPORT.md's cells are the mean and the
+    sample standard deviation of what the jobs' metrics.json hold."""
+    out = tmp_path / "sweep"
+    run_sweep(data_dir, out, "model.latent_dim=2,4", "model.beta=1", "seed=1,2")
+    records = list(job_records(out).values())
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    cells = cells_table((out / "REPORT.md").read_text())
+    assert set(cells) == {2, 4}
+    for z, cell in cells.items():
+        jobs = [r for r in records if r["hparams"]["latent_dim"] == z]
+        assert sorted(r["hparams"]["seed"] for r in jobs) == [1, 2]
+        assert (cell["n"], cell["seeds"]) == ("2", "1, 2")
+        for metric in ("test/loss", "test/recon", "test/kl", "test/mse", "probe/rf_acc"):
+            values = [r["metrics"][metric] for r in jobs]
+            mean, std = statistics.mean(values), statistics.stdev(values)
+            expected = f"{format_cell(metric, mean)} ± {format_cell(metric, std)}"
+            assert cell[metric] == expected, (z, metric)
+    assert is_png(out / "heatmap_test_loss.png")
 
 
 def test_plots_written(sweep: Path) -> None:
@@ -260,10 +335,11 @@ def test_metric_grid_places_values_and_leaves_missing_cells_blank(sweep: Path) -
     runs = [
         r for r in collect_runs(sweep) if r.status == "ok" and (r.latent_dim, r.beta) != (2, 4.0)
     ]
-    zs, betas, values, count = metric_grid(runs, "test/loss")
-    assert (zs, betas) == ([2, 8], [1.0, 4.0])
-    np.testing.assert_array_equal(values, [[99.75, 92.5], [np.nan, 101.25]])  # rows: beta
-    np.testing.assert_array_equal(count, [[1, 1], [0, 1]])
+    grid = metric_grid(runs, "test/loss")
+    assert (grid.zs, grid.betas) == ([2, 8], [1.0, 4.0])
+    np.testing.assert_array_equal(grid.mean, [[99.75, 92.5], [np.nan, 101.25]])  # rows: beta
+    np.testing.assert_array_equal(grid.count, [[1, 1], [0, 1]])
+    assert np.isnan(grid.std).all()  # one run per cell: no spread to give
 
 
 def test_no_heatmap_for_a_single_configuration(tmp_path: Path) -> None:

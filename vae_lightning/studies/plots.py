@@ -1,7 +1,8 @@
 """vae-report's plots, each a small function of the runs' data (runs.py), written as PNGs:
 
 - ``heatmap_<metric>.png``: a metric over latent_dim × beta, one panel per model and dataset
-  that was swept (``HEATMAP_METRICS``);
+  that was swept (``HEATMAP_METRICS``); a cell of several runs (seeds) shows their mean, with
+  the sample standard deviation and n beneath;
 - ``rate_distortion.png``: each VAE run's rate (test/kl) against its distortion (test/recon);
 - ``val_curves.png``: the validation loss per epoch of every ok run.
 
@@ -42,31 +43,39 @@ def _label(run: ReportedRun, with_group: bool) -> str:
     return f"{run.model} {run.dataset} {label}" if with_group else label
 
 
+def _cell_text(metric: str, mean: float, std: float, n: int) -> str:
+    """A heatmap cell: the value of one run; the mean of several, ± their std and n beneath."""
+    text = format_cell(metric, float(mean))
+    if n > 1:
+        text += f"\n± {format_cell(metric, float(std))} (n={n})"
+    return text
+
+
 def _plot_heatmap(
     groups: dict[tuple[str, str], list[ReportedRun]], metric: str, out: Path
 ) -> Path | None:
     panels = []
     for (model, data), rs in groups.items():
         grid = metric_grid(rs, metric)
-        if np.isfinite(grid[2]).any():
-            panels.append((f"{model} on {data}", *grid))
+        if np.isfinite(grid.mean).any():
+            panels.append((f"{model} on {data}", grid))
     if not panels:
         return None
     fig = Figure(figsize=(1.5 + 4.5 * len(panels), 4.2), layout="constrained")
-    for ax, (title, zs, betas, values, count) in zip(
+    for ax, (title, grid) in zip(
         fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
     ):
         # Masked (no run) cells are not drawn: they stay blank.
-        im = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis")
-        for (i, j), value in np.ndenumerate(values):
+        im = ax.imshow(
+            np.ma.masked_invalid(grid.mean), origin="lower", aspect="auto", cmap="viridis"
+        )
+        for (i, j), value in np.ndenumerate(grid.mean):
             if math.isfinite(value):
-                text = format_cell(metric, float(value)) + (
-                    f"\n(n={count[i, j]})" if count[i, j] > 1 else ""
-                )
                 color = "black" if im.norm(value) > 0.5 else "white"
+                text = _cell_text(metric, value, grid.std[i, j], grid.count[i, j])
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-        ax.set_xticks(range(len(zs)), [str(z) for z in zs])
-        ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas])
+        ax.set_xticks(range(len(grid.zs)), [str(z) for z in grid.zs])
+        ax.set_yticks(range(len(grid.betas)), [f"{b:g}" for b in grid.betas])
         ax.set_xlabel("latent_dim")
         ax.set_ylabel("beta")
         ax.set_title(title)

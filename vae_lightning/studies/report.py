@@ -14,6 +14,8 @@ valid JSON are listed, never skipped and never fatal. Written to OUT (default DI
 
 - ``summary.csv``: one row per run, raw values, empty cells where a value is absent;
 - ``REPORT.md``: counts, a formatted table, the failed runs with their errors, links to the plots;
+  when a cell of a grid (model, data, latent_dim, beta) holds several ok runs (seeds), also a
+  table of each cell's mean ± sample standard deviation and n;
 - ``heatmap_<metric>.png`` (latent_dim × beta, one panel per model and dataset that was swept),
   ``rate_distortion.png`` (VAE runs) and ``val_curves.png``, each only when there is data for it.
 
@@ -37,7 +39,15 @@ from vae_lightning.errors import ConfigError, check_path
 from vae_lightning.files import atomic_write, atomic_write_text
 from vae_lightning.studies.markdown import format_cell, md_cell, md_row
 from vae_lightning.studies.plots import HEATMAP_METRICS, write_plots
-from vae_lightning.studies.runs import SUMMARY_COLUMNS, ReportedRun, collect_runs, summary_row
+from vae_lightning.studies.runs import (
+    SUMMARY_COLUMNS,
+    GridCell,
+    ReportedRun,
+    Stats,
+    collect_runs,
+    grid_cells,
+    summary_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,11 @@ LOSS_NOTE = (
     "error per pixel; accuracies are the latent probes' on the test set."
 )
 NO_RUNS_HINT = "train with `make train` or `make sweep` first"
+CELLS_NOTE = (
+    "Each cell of a grid over its ok runs, here its seeds: the mean ± the sample standard "
+    "deviation (ddof=1: n − 1 in the denominator); n is the number of runs, and a value taken "
+    "from fewer of them says so. The heatmaps show the means."
+)
 
 
 def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -62,12 +77,17 @@ def _write_summary_csv(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, write)
 
 
-def _plot_note(name: str) -> str:
+def _plot_note(name: str, replicated: bool = False) -> str:
     if name.startswith("heatmap_"):
         metric = next(m for m in HEATMAP_METRICS if name == f"heatmap_{m.replace('/', '_')}.png")
+        several = (
+            "a cell of several runs: their mean, ± their sample standard deviation (n=…)."
+            if replicated
+            else "(n=…): the mean of n runs."
+        )
         return (
             f"{HEATMAP_METRICS[metric]} over latent_dim (x) × beta (y), one panel per swept model "
-            "and dataset; blank cell: no ok run; (n=…): the mean of n runs."
+            f"and dataset; blank cell: no ok run; {several}"
         )
     if name == "rate_distortion.png":
         return (
@@ -123,16 +143,47 @@ def _failed_section(runs: Sequence[ReportedRun], rows: Sequence[dict[str, Any]])
     return lines
 
 
-def _plots_section(plots: Sequence[Path]) -> list[str]:
+def _plots_section(plots: Sequence[Path], replicated: bool) -> list[str]:
     if not plots:
         return []
-    return ["", "## Plots", "", *(f"- [{p.name}]({p.name}): {_plot_note(p.name)}" for p in plots)]
+    notes = (f"- [{p.name}]({p.name}): {_plot_note(p.name, replicated)}" for p in plots)
+    return ["", "## Plots", "", *notes]
+
+
+def _stats_cell(metric: str, stats: Stats, runs: int) -> str:
+    """``mean ± std``, the one value of a single run, or "—"; ``(n=k)`` when k < ``runs``."""
+    if stats.n == 0:
+        return "—"
+    text = format_cell(metric, stats.mean)
+    if stats.n > 1:
+        text += f" ± {format_cell(metric, stats.std)}"
+    return text + (f" (n={stats.n})" if stats.n < runs else "")
+
+
+def _cells_section(cells: Sequence[GridCell]) -> list[str]:
+    """Each grid cell's mean ± std over its runs, when a cell holds several (else nothing)."""
+    if not any(c.runs > 1 for c in cells):
+        return []
+    columns = ("model", "data", "latent_dim", "beta", "n", "seeds", *HEATMAP_METRICS)
+    lines = ["", "## Mean ± std over seeds", "", CELLS_NOTE, "", md_row(*columns)]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for c in cells:
+        seeds = ", ".join("?" if seed is None else str(seed) for seed in c.seeds)
+        stats = (_stats_cell(m, c.stats[m], c.runs) for m in HEATMAP_METRICS)
+        lines.append(md_row(md_cell(c.model), md_cell(c.data), c.latent_dim,
+                            format_cell("beta", c.beta), c.runs, seeds, *stats))  # fmt: skip
+    return lines
 
 
 def render_report(
-    root: Path, runs: Sequence[ReportedRun], rows: Sequence[dict[str, Any]], plots: Sequence[Path]
+    root: Path,
+    runs: Sequence[ReportedRun],
+    rows: Sequence[dict[str, Any]],
+    plots: Sequence[Path],
+    cells: Sequence[GridCell] = (),
 ) -> str:
-    """REPORT.md's text: counts, the runs table, the failed runs, the plots."""
+    """REPORT.md's text: counts, the cells' mean ± std when a cell holds several runs, the runs
+    table, the failed runs, the plots."""
     lines = [
         "# VAE experiment report",
         "",
@@ -141,12 +192,13 @@ def render_report(
         _count_line(runs),
         "",
         LOSS_NOTE,
+        *_cells_section(cells),
         "",
         "## Runs",
         "",
         *_runs_table(rows),
         *_failed_section(runs, rows),
-        *_plots_section(plots),
+        *_plots_section(plots, any(c.runs > 1 for c in cells)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -168,8 +220,9 @@ def write_report(root: Path, out_dir: Path | None = None) -> Path:
     rows = [summary_row(r, root) for r in runs]
     _write_summary_csv(rows, out / "summary.csv")
     plots = write_plots(runs, out)
+    cells = grid_cells([r for r in runs if r.status == "ok"], list(HEATMAP_METRICS))
     report = out / "REPORT.md"
-    atomic_write_text(report, render_report(root, runs, rows, plots))
+    atomic_write_text(report, render_report(root, runs, rows, plots, cells))
     return report
 
 

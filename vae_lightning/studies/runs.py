@@ -13,8 +13,9 @@ purpose are read, never TensorBoard internals:
 ``collect_runs`` reads every run folder into a ``ReportedRun`` (a failed run, even one without
 metrics or hyper-parameters, and a ``metrics.json`` that is not valid JSON included, never
 fatal); ``summary_row`` is one row of summary.csv, ``metric_grid`` and ``swept_groups`` the
-heatmaps' cells. ``Result`` is a run that reproduce, claims and zoo trained and evaluated (its
-record, ``eval.json`` and history).
+heatmaps' cells, ``grid_cells`` the cells' mean ± std over their runs (their seeds).
+``Result`` is a run that reproduce, claims and zoo trained and evaluated (its record,
+``eval.json`` and history).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class ReportedRun:
     def beta(self) -> float | None:
         value = json_number(self.hparams.get("beta"))
         return value if value is not None and math.isfinite(value) else None
+
+    @property
+    def seed(self) -> int | None:
+        value = json_number(self.hparams.get("seed"))
+        return int(value) if value is not None and value.is_integer() else None
 
     def metric(self, key: str) -> float | None:
         return self.metrics.get(key)
@@ -264,37 +270,102 @@ def summary_row(run: ReportedRun, root: Path) -> dict[str, Any]:
     return {key: row[key] for key in SUMMARY_COLUMNS}
 
 
-def metric_grid(
-    runs: Sequence[ReportedRun], metric: str
-) -> tuple[list[int], list[float], np.ndarray, np.ndarray]:
-    """``metric`` over latent_dim (columns) × beta (rows) for runs with both set.
+@dataclass
+class Stats:
+    """A metric over the runs of one cell: its mean, its sample standard deviation (ddof=1,
+    n - 1 in the denominator; NaN for fewer than two values) and n, the runs with a finite
+    value."""
 
-    Returns the sorted latent_dims, the sorted betas, the values (mean over the runs of a cell,
-    NaN where no run has a finite value) and the number of runs averaged per cell.
-    """
-    runs = [r for r in runs if r.latent_dim is not None and r.beta is not None]
-    zs = sorted({r.latent_dim for r in runs})
-    betas = sorted({r.beta for r in runs})
-    total = np.zeros((len(betas), len(zs)))
-    count = np.zeros((len(betas), len(zs)), dtype=int)
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stats:
+        finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+        n = len(finite)
+        mean = float(finite.mean()) if n else math.nan
+        return cls(mean, float(finite.std(ddof=1)) if n > 1 else math.nan, n)
+
+
+@dataclass
+class MetricGrid:
+    """A metric over latent_dim (``zs``, columns) × beta (``betas``, rows): per cell the mean,
+    the sample standard deviation and the count of its runs (``Stats``; NaN where none)."""
+
+    zs: list[int]
+    betas: list[float]
+    mean: np.ndarray
+    std: np.ndarray
+    count: np.ndarray
+
+
+def _cells(runs: Sequence[ReportedRun]) -> dict[tuple[float, int], list[ReportedRun]]:
+    """The runs with latent_dim and beta set, by (beta, latent_dim)."""
+    cells: dict[tuple[float, int], list[ReportedRun]] = {}
     for r in runs:
-        value = r.metric(metric)
-        if value is not None and math.isfinite(value):
-            i, j = betas.index(r.beta), zs.index(r.latent_dim)
-            total[i, j] += value
-            count[i, j] += 1
-    values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return zs, betas, values, count
+        if r.latent_dim is not None and r.beta is not None:
+            cells.setdefault((r.beta, r.latent_dim), []).append(r)
+    return cells
 
 
-def swept_groups(ok: Sequence[ReportedRun]) -> dict[tuple[str, str], list[ReportedRun]]:
-    """(model, data) groups with at least 2 latent_dims or 2 betas: a heatmap says something."""
+def metric_grid(runs: Sequence[ReportedRun], metric: str) -> MetricGrid:
+    """``metric`` over latent_dim (columns) × beta (rows) for runs with both set: each cell's
+    mean, sample standard deviation and count of runs with a finite value."""
+    cells = _cells(runs)
+    zs = sorted({z for _, z in cells})
+    betas = sorted({b for b, _ in cells})
+    mean, std = np.full((len(betas), len(zs)), np.nan), np.full((len(betas), len(zs)), np.nan)
+    count = np.zeros((len(betas), len(zs)), dtype=int)
+    for (beta, z), rs in cells.items():
+        stats = Stats.of([r.metric(metric) for r in rs])
+        i, j = betas.index(beta), zs.index(z)
+        mean[i, j], std[i, j], count[i, j] = stats.mean, stats.std, stats.n
+    return MetricGrid(zs, betas, mean, std, count)
+
+
+@dataclass
+class GridCell:
+    """One (model, data, latent_dim, beta) cell of a grid: its runs' seeds, in order, and each
+    metric's ``Stats`` over them."""
+
+    model: str
+    data: str
+    latent_dim: int
+    beta: float
+    seeds: list[int | None]
+    stats: dict[str, Stats]
+
+    @property
+    def runs(self) -> int:
+        return len(self.seeds)
+
+
+def grid_groups(ok: Sequence[ReportedRun]) -> dict[tuple[str, str], list[ReportedRun]]:
+    """The runs with a model, data, latent_dim and beta, by (model, data), sorted."""
     groups: dict[tuple[str, str], list[ReportedRun]] = {}
     for r in ok:
         if r.model and r.dataset and r.latent_dim is not None and r.beta is not None:
             groups.setdefault((r.model, r.dataset), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def grid_cells(ok: Sequence[ReportedRun], metrics: Sequence[str]) -> list[GridCell]:
+    """Every cell of every (model, data) group, sorted by model, data, latent_dim and beta,
+    with the ``Stats`` of each of ``metrics`` over the cell's runs."""
+    cells = []
+    for (model, data), rs in grid_groups(ok).items():
+        for (beta, z), members in sorted(_cells(rs).items(), key=lambda c: (c[0][1], c[0][0])):
+            seeds = sorted(members, key=lambda r: (r.seed is None, r.seed or 0))
+            stats = {m: Stats.of([r.metric(m) for r in members]) for m in metrics}
+            cells.append(GridCell(model, data, z, beta, [r.seed for r in seeds], stats))
+    return cells
+
+
+def swept_groups(ok: Sequence[ReportedRun]) -> dict[tuple[str, str], list[ReportedRun]]:
+    """(model, data) groups with at least 2 latent_dims or 2 betas: a heatmap says something."""
     return {
         key: rs
-        for key, rs in sorted(groups.items())
+        for key, rs in grid_groups(ok).items()
         if len({r.latent_dim for r in rs}) >= 2 or len({r.beta for r in rs}) >= 2
     }

@@ -42,6 +42,7 @@ from vae_lightning.evaluation.metrics import LatentMoments, active_units
 from vae_lightning.models.losses import gaussian_kl
 from vae_lightning.run.checkpoints import AtomicCheckpointIO
 from vae_lightning.run.history import History
+from vae_lightning.run.loggers import finished_at_end
 from vae_lightning.run.stops import StopOnSignal
 from vae_lightning.sweeps.fused import stack_device
 from vae_lightning.training import AutomaticStep, resolve_step
@@ -442,7 +443,8 @@ def train_group(
         default_root_dir=str(jobs[0].output_dir), **limits,
     )  # fmt: skip
     group.trainer = trainer
-    with signals:
+    # each job's W&B run of the stack's training is finished here; its end of fit opens another
+    with signals, finished_at_end([logger for job in jobs for logger in job.loggers]):
         if pending:
             signals.received = pending[0]
         data = StackedData(jobs, chunk, train_limit)

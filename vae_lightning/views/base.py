@@ -23,7 +23,9 @@ ON_UNSUPPORTED = ("skip", "error")
 
 
 def writers(trainer: L.Trainer) -> list[Any]:
-    """The SummaryWriter of each TensorBoard logger (none under fast_dev_run's DummyLogger)."""
+    """The SummaryWriter of each TensorBoard logger (none under fast_dev_run's DummyLogger), for
+    what only TensorBoard shows (the projector, the KL per dimension as scalars); pictures go to
+    every logger that takes them through ``publish``."""
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
@@ -78,7 +80,7 @@ class ModelCallback(L.Callback):
     def _publish(self, trainer: L.Trainer, tag: str, image: Any, epochs_done: int) -> Path:
         # named by the number of epochs trained: images_reconstructions_epoch002.png
         path = self.output_dir / f"{tag.replace('/', '_')}_epoch{epochs_done:03d}.png"
-        return publish(image, path, tag, trainer.global_step, writers(trainer))
+        return publish(image, path, tag, trainer.global_step, trainer.loggers)
 
 
 class Periodic(ModelCallback):

@@ -1,6 +1,7 @@
-"""Callbacks that draw what a model does: image grids and the latent space, to TensorBoard and
-as PNG under the run's ``images/``, every ``every_n_epochs`` and at the end of fit. The pictures
-themselves are ``grids`` and ``figures`` (shared with ``vae-evaluate``)."""
+"""Callbacks that draw what a model does: image grids and the latent space, to the loggers that
+take pictures (TensorBoard, W&B, MLflow) and as PNG under the run's ``images/``, every
+``every_n_epochs`` and at the end of fit. The pictures themselves are ``grids`` and
+``figures`` (shared with ``vae-evaluate``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from vae_lightning.views.base import Periodic, writers
 class Visual(Periodic):
     """Publishes ``_make``'s ``{tag: image}`` after the training epochs that are due and at the
     end of fit. An image is a (C, H, W) grid in [0, 1] or a matplotlib Figure; it goes to
-    TensorBoard under ``tag`` and to ``<output_dir>/<tag with / as _>_epoch<NNN>.png``.
+    every logger that takes pictures under ``tag`` (``publish``) and to
+    ``<output_dir>/<tag with / as _>_epoch<NNN>.png``.
     """
 
     needs_methods = ("embed", "decode", "sample")

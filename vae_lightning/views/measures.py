@@ -112,9 +112,9 @@ class LatentProbe(Periodic):
     At the end of fit (and every ``every_n_epochs`` when set), embeds the training split and the
     test set, fits seed 2's RandomForest (100 trees, random_state 42), a logistic regression and
     a kNN, and logs ``probe/rf_acc``, ``probe/logreg_acc``, ``probe/knn_acc`` and the
-    RandomForest's confusion matrix (TensorBoard + PNG). ``pixels: true`` runs the same probes
-    on raw pixels as a baseline (``probe/pixels_*``). ``max_train`` subsamples the training
-    split (seeded) for speed.
+    RandomForest's confusion matrix (a PNG, and to every logger that takes pictures).
+    ``pixels: true`` runs the same probes on raw pixels as a baseline (``probe/pixels_*``).
+    ``max_train`` subsamples the training split (seeded) for speed.
     """
 
     needs_methods = ("embed",)
