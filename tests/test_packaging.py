@@ -127,8 +127,13 @@ def test_the_optional_plugins_are_extras_their_refusal_names(project, runtime):
                 continue
             folder = plugin.replace(".", "/") + "/"
             assert any(str(f).startswith(folder) for f in files(requirement.name) or ())
+    for module, extra in config.OPTIONAL_LOGGERS.values():  # the loggers' packages too
+        names = {canonicalize_name(Requirement(r).name) for r in extras[extra]}
+        assert not names & set(runtime)
+        assert any(module in str(f).split("/")[0] for n in names for f in files(n) or ())
     dev = {Requirement(r).name: Requirement(r) for r in extras["dev"]}
-    assert dev["vae_lightning"].extras == {"slurm", "optuna"}  # the tests run their plugins
+    # the tests run their plugins and loggers
+    assert dev["vae_lightning"].extras == {"slurm", "optuna", "wandb", "mlflow"}
 
 
 def test_a_choice_whose_plugin_is_missing_is_one_line_naming_its_extra(monkeypatch):
