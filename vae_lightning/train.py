@@ -113,11 +113,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> float | None:
             _fit(trainer, model, datamodule, ckpt_path, record, fused)
             record.add_summaries(configured)
             best = record.best_checkpoint(trainer)
-            tested = (
-                _test(trainer, model, datamodule, best, record, cfg.seed)
-                if cfg.get("test")
-                else None
-            )
+            test = cfg.get("test")
+            tested = _test(trainer, model, datamodule, best, record, cfg.seed) if test else None
             record.finish(epochs=len(record.history.rows), best_checkpoint=best, tested=tested)
             log_hparams(trainer, record.data["hparams"], record.metrics)
     shown = {k: round(v, 4) for k, v in record.metrics.items() if k.startswith("test/")}
@@ -204,10 +201,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``vae-train``: register the resolvers the config uses, refuse in one line what Hydra
-    would refuse in words naming neither the cause nor the cure (a bad ``$VAE_LIGHTNING_ROOT``:
-    a traceback resolving hydra.run.dir; a launcher whose extra is not installed: a missing
-    config), then run Hydra's main."""
+    """``vae-train``: the resolvers; one line for what Hydra words naming neither cause nor cure
+    (a bad ``$VAE_LIGHTNING_ROOT``, a launcher's missing extra); then Hydra's main."""
     config.register_resolvers()
     config.quiet_known_warnings()
     try:
