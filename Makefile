@@ -79,7 +79,7 @@ gpu-bundle: data ## pack Hydra and the gzipped data into .gpu/ for a GPU machine
 	  for f in $(DATA_DIR)/$$d/raw/*-ubyte; do gzip -c "$$f" > .gpu/data_gz/$$d/$$(basename "$$f").gz; done; done
 	@du -sh .gpu
 
-test: install ## run the test suite (slow tests included; about 4 minutes on 2 slow CPU cores)
+test: install ## run the test suite (slow tests included; about 7 minutes on 2 slow CPU cores)
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install ## the test suite without tests marked slow
