@@ -61,13 +61,9 @@ def keep_last_name(trainer: L.Trainer) -> None:
     resumed = trainer.ckpt_path
     if not resumed:
         return
-    resumed = os.path.realpath(resumed)
+    folder, name = os.path.split(os.path.realpath(resumed))
     for cb in trainer.checkpoint_callbacks:
         if not getattr(cb, "save_last", False) or not getattr(cb, "dirpath", None):
             continue
-        last = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
-        name = os.path.basename(resumed)
-        if os.path.dirname(resumed) == os.path.realpath(cb.dirpath) and name.startswith(
-            cb.CHECKPOINT_NAME_LAST
-        ):
-            cb.last_model_path = last
+        if folder == os.path.realpath(cb.dirpath) and name.startswith(cb.CHECKPOINT_NAME_LAST):
+            cb.last_model_path = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
